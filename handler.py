@@ -1,0 +1,61 @@
+"""RunPod serverless entry point for Qwen-Image-Edit: parse, validate, run, report.
+
+    python handler.py                      deployed: RunPod's job loop; locally: runs test_input.json
+    python handler.py --test_input '<json>' runs one job locally, writes the pictures to outputs/
+    python handler.py --rp_serve_api       the SDK's local HTTP API (/runsync, /run, /status)
+
+Importing this module loads no model: loading starts when the worker starts (WARMUP=1, in the
+background) or with the first job (WARMUP=0).  The work lives in the qwen_edit_worker package.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+from qwen_edit_worker.logs import configure_logging
+from qwen_edit_worker.worker import Worker
+
+_worker: Worker | None = None
+
+
+def deployed() -> bool:
+    """True inside a RunPod endpoint (the platform tells the SDK where to fetch jobs)."""
+    return bool(os.environ.get("RUNPOD_WEBHOOK_GET_JOB"))
+
+
+def get_worker() -> Worker:
+    """The process's one Worker, created (and its warm-up started) on first use."""
+    global _worker
+    if _worker is None:
+        progress = None
+        if deployed():
+            import runpod
+
+            progress = runpod.serverless.progress_update
+        _worker = Worker(progress=progress)
+        _worker.start()
+    return _worker
+
+
+def handler(job: dict[str, Any]) -> dict[str, Any]:
+    """The RunPod handler: one job's input in, its output (or error) out."""
+    return get_worker().handle(job)
+
+
+def main(argv: list[str]) -> int:
+    configure_logging(os.environ.get("LOG_LEVEL", "INFO"))
+    get_worker()
+    if deployed() or "--rp_serve_api" in argv:
+        import runpod
+
+        runpod.serverless.start({"handler": handler})
+        return 0
+    from qwen_edit_worker.local import run_local
+
+    return run_local(handler, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,60 @@
+"""What a job cost: the GPU's price per second times the job's execution seconds.
+
+Why this exists: the people running this worker track cost per image (their goal: well under
+one cent).  The price comes from GPU_PRICE_PER_SECOND when set ("env"), else from RunPod's
+serverless price table keyed by the GPU's name ("table"), else it is unknown (CPU included) and
+the cost fields are null rather than a made-up number.  Pure: no torch.
+"""
+
+from __future__ import annotations
+
+# RunPod serverless flex prices, USD per second (facts.md section 8, November 2026).  Matched
+# against torch.cuda.get_device_name() in order, so more specific names come first.
+PRICE_TABLE: tuple[tuple[str, float], ...] = (
+    ("B200", 0.00240),
+    ("H200", 0.00155),
+    ("H100", 0.00116),
+    ("RTX PRO 6000", 0.00111),
+    ("A100", 0.00076),
+    ("L40", 0.00053),  # L40 and L40S
+    ("RTX 6000 ADA", 0.00053),
+    ("A6000", 0.00034),
+    ("A40", 0.00034),
+    ("4090", 0.00031),
+    ("L4", 0.00019),
+    ("A5000", 0.00019),
+    ("3090", 0.00019),
+    ("A4500", 0.00016),
+    ("A4000", 0.00016),
+    ("RTX 4000", 0.00016),
+    ("RTX 2000", 0.00016),
+)
+
+
+def table_price(gpu_name: str | None) -> float | None:
+    """The table price for a CUDA device name like 'NVIDIA H100 80GB HBM3', or None."""
+    if not gpu_name:
+        return None
+    upper = gpu_name.upper()
+    for needle, price in PRICE_TABLE:
+        if needle in upper:
+            return price
+    return None
+
+
+def job_cost(seconds: float, images: int, gpu_name: str | None, env_price: float | None) -> dict[str, object]:
+    """The job output's `cost` block."""
+    if env_price is not None:
+        price, source = env_price, "env"
+    else:
+        price = table_price(gpu_name)
+        source = "table" if price is not None else "unknown"
+    usd = None if price is None else round(seconds * price, 7)
+    return {
+        "gpu": gpu_name,
+        "usd_per_second": price,
+        "price_source": source,
+        "seconds": round(seconds, 4),
+        "usd": usd,
+        "usd_per_image": None if usd is None else round(usd / max(images, 1), 7),
+    }

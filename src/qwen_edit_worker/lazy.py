@@ -1,0 +1,68 @@
+"""Load once per process, in the background, and let jobs wait only for what is left.
+
+Why this exists: a serverless container should be up at once (RunPod marks a worker unhealthy
+after a long silent start), yet the model takes seconds to minutes to load.  With WARMUP=1 the
+worker starts loading in a background thread when it starts; with WARMUP=0 the first job starts
+it.  Either way the load runs once, every job that arrives before it ends waits and says so
+(cold start), and a failed load is logged once with its cause and reported to every job.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Generic, TypeVar
+
+from .errors import ModelLoadError, WorkerError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class LazyLoad(Generic[T]):
+    """A value built once by `load` in a background thread; `get` waits for it."""
+
+    def __init__(self, load: Callable[[], T]) -> None:
+        self._load = load
+        self._start_lock = threading.Lock()
+        self._done = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._value: T | None = None
+        self._error: WorkerError | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self._done.is_set()
+
+    def start(self) -> None:
+        """Begin loading in the background, if not begun yet."""
+        with self._start_lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="model-load", daemon=True)
+                self._thread.start()
+
+    def get(self) -> tuple[T, bool, float]:
+        """(value, whether this call waited for loading, seconds waited); raise the load's error."""
+        waited = not self._done.is_set()
+        started = time.perf_counter()
+        if waited:
+            self.start()
+            self._done.wait()
+        if self._error is not None:
+            raise self._error
+        assert self._value is not None
+        return self._value, waited, time.perf_counter() - started if waited else 0.0
+
+    def _run(self) -> None:
+        try:
+            self._value = self._load()
+        except WorkerError as err:
+            log.error("model load failed: %s", err)
+            self._error = err
+        except Exception as err:  # anything else: keep the traceback in the log, a short cause for jobs
+            log.exception("model load failed")
+            self._error = ModelLoadError("model", f"loading failed ({type(err).__name__}: {err}); see the worker log")
+        finally:
+            self._done.set()

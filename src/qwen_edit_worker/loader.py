@@ -1,0 +1,124 @@
+"""Loading the model: from the baked folder (or the tiny one built in code) to a ready pipeline.
+
+Why this exists: loading is where a deployment goes wrong (a missing folder, a LoRA that does
+not fit, a backend that cannot run), so every step here fails with a ModelLoadError that names
+the setting or file at fault, and the result records exactly what took effect (device, dtype,
+attention backend, memory savers, LoRA layers) for the log and each job's `model` block.
+Loading never reaches the network: HF_HUB_OFFLINE is set and only local files are read.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import accel, lightning
+from .errors import ModelLoadError
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadedModel:
+    """A ready pipeline and the facts about it that jobs report."""
+
+    pipe: Any
+    settings: Settings
+    device: str
+    dtype: str
+    gpu_name: str | None
+    attention_backend: str
+    memory_saving: list[str]
+    source: str
+    lora_layers: int
+    load_seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def info(self, steps: int) -> dict[str, Any]:
+        """The job output's `model` block."""
+        return {
+            "variant": self.settings.variant.name,
+            "lightning": self.settings.lightning,
+            "steps": steps,
+            "attention_backend": self.attention_backend,
+            "memory_saving": list(self.memory_saving),
+            "dtype": self.dtype,
+            "device": self.device,
+            "source": self.source,
+            **self.extra,
+        }
+
+
+def load_model(settings: Settings) -> LoadedModel:
+    """Build the pipeline `settings` describe; raise ModelLoadError naming what is wrong."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    import torch
+
+    started = time.perf_counter()
+    cuda = torch.cuda.is_available()
+    device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
+    backend = accel.choose_attention_backend(settings.attention_backend, cuda)
+
+    pipe, source = _build_pipeline(settings, dtype)
+    pipe.to(device)
+    lora_layers = 0
+    if settings.lightning:
+        pipe.scheduler = lightning.lightning_scheduler(pipe.scheduler)
+        lora_path, setting = _lora_path(settings)
+        lora_layers = lightning.fuse_lightning(pipe, lora_path, setting)
+    accel.apply_attention_backend(pipe.transformer, backend)
+
+    gpu_name = torch.cuda.get_device_name(0) if cuda else None
+    gpu_bytes = torch.cuda.get_device_properties(0).total_memory if cuda else None
+    saving = accel.apply_memory_saving(pipe) if accel.memory_saving_enabled(settings.memory_saving, gpu_bytes) else []
+    pipe.set_progress_bar_config(disable=True)
+    model = LoadedModel(
+        pipe=pipe, settings=settings, device=device, dtype=str(dtype).removeprefix("torch."), gpu_name=gpu_name,
+        attention_backend=backend, memory_saving=saving, source=source, lora_layers=lora_layers,
+    )
+    model.load_seconds = time.perf_counter() - started
+    log.info(
+        "model ready in %.1f s: variant=%s source=%s device=%s%s dtype=%s lightning=%s (%d LoRA layers) "
+        "attention=%s memory_saving=%s", model.load_seconds, settings.variant.name, source, device,
+        f" ({gpu_name})" if gpu_name else "", model.dtype, settings.lightning, lora_layers, backend,
+        ",".join(saving) or "off",
+    )
+    return model
+
+
+def _build_pipeline(settings: Settings, dtype: Any) -> tuple[Any, str]:
+    import diffusers
+
+    pipeline_class = getattr(diffusers, settings.variant.pipeline_class)
+    if settings.tiny_model:
+        from . import tiny
+
+        pipe = pipeline_class(**tiny.build_components(settings.variant, tiny.base_scheduler()))
+        if dtype != pipe.transformer.dtype:  # built in float32; cast only for the GPU (bf16)
+            pipe.to(dtype=dtype)
+        return pipe, "tiny"
+    path = settings.model_path
+    if not (path / "model_index.json").is_file():
+        reason = "does not exist" if not path.exists() else "has no model_index.json (not a diffusers pipeline folder)"
+        raise ModelLoadError("MODEL_PATH", f"{path} {reason}; bake the model into the image or point MODEL_PATH at it")
+    try:
+        pipe = pipeline_class.from_pretrained(str(path), dtype=dtype, local_files_only=True)
+    except (OSError, ValueError, KeyError, RuntimeError, TypeError) as err:
+        raise ModelLoadError("MODEL_PATH", f"cannot load the pipeline from {path}: {err}") from None
+    return pipe, str(path)
+
+
+def _lora_path(settings: Settings) -> tuple[Path, str]:
+    """The LoRA file and the setting that names it (for error messages)."""
+    if settings.lora_path is not None:
+        return settings.lora_path, "LORA_PATH"
+    if settings.tiny_model:
+        from . import tiny
+
+        return tiny.default_lora_file(settings.variant), "TINY_MODEL"
+    return settings.default_lora_path(), "LORA_PATH"

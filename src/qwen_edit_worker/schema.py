@@ -1,0 +1,188 @@
+"""The job input schema: every field, its type, default and bounds, validated in one pass.
+
+Why this exists: a worker on a public endpoint gets whatever clients send.  Each field is
+described once in FIELDS (the README's input table mirrors it), and any violation is a
+RequestError naming the field (`input.<name>`) and what is allowed.  Pure: no torch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import RequestError, describe
+from .variants import Variant
+
+MAX_PROMPT_CHARS = 2000
+MAX_SEED = 2**32 - 1
+OUTPUT_FORMATS = ("png", "jpeg", "webp")
+FIELDS = (
+    "prompt", "image", "images", "negative_prompt", "seed", "num_inference_steps",
+    "true_cfg_scale", "megapixels", "width", "height", "num_images", "output_format",
+    "output_quality",
+)
+
+
+@dataclass(frozen=True)
+class ModelDefaults:
+    """Request defaults that follow the loaded model (Lightning or base)."""
+
+    num_inference_steps: int
+    true_cfg_scale: float
+    negative_prompt: str
+
+    @classmethod
+    def for_model(cls, variant: Variant, lightning: bool) -> ModelDefaults:
+        if lightning:
+            return cls(variant.lightning_steps, 1.0, "")
+        # The base model's usual settings: 40-50 steps with true CFG 4 and a blank negative prompt.
+        return cls(variant.base_steps, variant.base_true_cfg_scale, " ")
+
+
+@dataclass(frozen=True)
+class EditRequest:
+    """A validated edit job."""
+
+    prompt: str
+    images: tuple[str, ...]  # image sources as sent (URL, data URI or base64), 1 to 3
+    image_field: str  # "image" or "images", for error messages about the sources
+    negative_prompt: str
+    seed: int | None  # None: choose a random seed
+    num_inference_steps: int
+    true_cfg_scale: float
+    megapixels: float
+    size: tuple[int, int] | None  # explicit (width, height), else from megapixels
+    num_images: int
+    output_format: str
+    output_quality: int
+
+
+def parse_request(raw: Any, variant: Variant, defaults: ModelDefaults) -> EditRequest:
+    """Validate a job's `input`; raise RequestError naming the first bad field."""
+    if not isinstance(raw, Mapping):
+        raise RequestError("input", f"must be a JSON object with a prompt and an image (got {type(raw).__name__})")
+    unknown = sorted(str(k) for k in raw if k not in FIELDS)
+    if unknown:
+        raise RequestError("input", f"unknown field(s) {', '.join(unknown)}; allowed: {', '.join(FIELDS)}")
+
+    prompt = _text(raw, "prompt", None, 1)
+    images, image_field = _image_sources(raw, variant)
+    negative = _text(raw, "negative_prompt", defaults.negative_prompt, 0)
+    seed = _integer(raw, "seed", -1, -1, MAX_SEED)
+    steps = _integer(raw, "num_inference_steps", defaults.num_inference_steps, 1, 50)
+    cfg = _number(raw, "true_cfg_scale", defaults.true_cfg_scale, 1.0, 10.0)
+    if cfg > 1.0 and not negative.strip():
+        raise RequestError(
+            "input.true_cfg_scale", "above 1.0 needs a non-empty input.negative_prompt (CFG compares the two)"
+        )
+    megapixels = _number(raw, "megapixels", 1.0, 0.0625, 2.0)
+    size = _explicit_size(raw)
+    if size is not None and "megapixels" in raw:
+        raise RequestError("input.megapixels", "give either megapixels or width and height, not both")
+    fmt = _text(raw, "output_format", "png", 1).lower()
+    if fmt == "jpg":
+        fmt = "jpeg"
+    if fmt not in OUTPUT_FORMATS:
+        raise RequestError("input.output_format", f"must be one of {', '.join(OUTPUT_FORMATS)} (got {describe(fmt)})")
+    return EditRequest(
+        prompt=prompt,
+        images=images,
+        image_field=image_field,
+        negative_prompt=negative,
+        seed=None if seed == -1 else seed,
+        num_inference_steps=steps,
+        true_cfg_scale=cfg,
+        megapixels=megapixels,
+        size=size,
+        num_images=_integer(raw, "num_images", 1, 1, 4),
+        output_format=fmt,
+        output_quality=_integer(raw, "output_quality", 95, 1, 100),
+    )
+
+
+def _image_sources(raw: Mapping[str, Any], variant: Variant) -> tuple[tuple[str, ...], str]:
+    has_image, has_images = raw.get("image") is not None, raw.get("images") is not None
+    if has_image and has_images:
+        raise RequestError("input.image", "give either image or images, not both")
+    if has_image:
+        return (_source(raw["image"], "input.image"),), "input.image"
+    if not has_images:
+        raise RequestError("input.image", "required: an http(s) URL, a data URI or base64 image data")
+    if variant.max_images == 1:
+        raise RequestError(
+            "input.images", f"multi-image input needs MODEL_VARIANT edit-2509 or edit-2511 (this worker runs "
+            f"{variant.name}); send one picture as input.image"
+        )
+    items = raw["images"]
+    if not isinstance(items, list) or not 1 <= len(items) <= variant.max_images:
+        raise RequestError("input.images", f"must be a list of 1 to {variant.max_images} images")
+    return tuple(_source(item, f"input.images[{i}]") for i, item in enumerate(items)), "input.images"
+
+
+def _source(value: Any, field: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise RequestError(field, "must be a non-empty string: an http(s) URL, a data URI or base64 image data")
+    return value.strip()
+
+
+def _text(raw: Mapping[str, Any], name: str, default: str | None, min_chars: int) -> str:
+    value = raw.get(name)
+    if value is None:
+        if default is None:
+            raise RequestError(f"input.{name}", f"required: a string of 1 to {MAX_PROMPT_CHARS} characters")
+        return default
+    if not isinstance(value, str) or not min_chars <= len(value.strip() if min_chars else value) <= MAX_PROMPT_CHARS:
+        raise RequestError(
+            f"input.{name}", f"must be a string of {min_chars} to {MAX_PROMPT_CHARS} characters (got {describe(value)})"
+        )
+    return value
+
+
+def _checked(raw: Mapping[str, Any], name: str, default: Any, convert: Callable[[Any], Any | None],
+             low: float, high: float, kind: str) -> Any:
+    value = raw.get(name)
+    if value is None:
+        return default
+    number = None if isinstance(value, bool) else convert(value)
+    if number is None or not low <= number <= high:
+        raise RequestError(f"input.{name}", f"must be {kind} from {low:g} to {high:g} (got {describe(value)})")
+    return number
+
+
+def _as_int(value: Any) -> int | None:
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return None
+
+
+def _as_float(value: Any) -> float | None:
+    if isinstance(value, (int, float)) and math.isfinite(value):
+        return float(value)
+    return None
+
+
+def _integer(raw: Mapping[str, Any], name: str, default: int, low: int, high: int) -> int:
+    return _checked(raw, name, default, _as_int, low, high, "a whole number")
+
+
+def _number(raw: Mapping[str, Any], name: str, default: float, low: float, high: float) -> float:
+    return _checked(raw, name, default, _as_float, low, high, "a number")
+
+
+def _explicit_size(raw: Mapping[str, Any]) -> tuple[int, int] | None:
+    given = [n for n in ("width", "height") if raw.get(n) is not None]
+    if not given:
+        return None
+    if len(given) == 1:
+        missing = "height" if given == ["width"] else "width"
+        raise RequestError(f"input.{missing}", "width and height go together: give both or neither")
+    width = _integer(raw, "width", 0, 64, 2048)
+    height = _integer(raw, "height", 0, 64, 2048)
+    for name, value in (("width", width), ("height", height)):
+        if value % 16:
+            raise RequestError(f"input.{name}", f"must be a multiple of 16 from 64 to 2048 (got {value})")
+    return width, height

@@ -1,0 +1,138 @@
+"""Every setting the worker reads from its environment, parsed once into a frozen object.
+
+Why this exists: settings are the worker's public contract with the people deploying it (the
+README and hub.json list the same names and defaults), so they live in one place.  `from_env`
+is a pure function of a mapping (tests pass a dict; nothing reads os.environ behind their back),
+and a bad value is a SettingsError naming the setting and what is allowed.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from .errors import SettingsError
+from .variants import DEFAULT_VARIANT, VARIANTS, Variant
+
+ATTENTION_BACKENDS = ("auto", "xformers", "flash", "native")
+MEMORY_SAVING_MODES = ("auto", "on", "off")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+# Name -> (default as the environment would spell it, one-line description).  README and
+# hub.json are checked against this table by the tests.
+SETTINGS: dict[str, tuple[str, str]] = {
+    "MODEL_VARIANT": (DEFAULT_VARIANT, "edit | edit-2509 | edit-2511"),
+    "MODEL_PATH": ("", "baked diffusers folder; empty means /models/<variant>"),
+    "LORA_PATH": ("", "Lightning LoRA file; empty means the variant's file in the baked layout"),
+    "LIGHTNING": ("1", "1: fuse the Lightning LoRA (3 steps, no CFG); 0: base model"),
+    "TINY_MODEL": ("0", "1: tiny random-weight model built in code (tests, demos; output is noise)"),
+    "ATTENTION_BACKEND": ("auto", "auto | xformers | flash | native"),
+    "MEMORY_SAVING": ("auto", "auto | on | off (auto: on for GPUs under 48 GB)"),
+    "WARMUP": ("1", "1: start loading the model in the background at worker start"),
+    "GPU_PRICE_PER_SECOND": ("", "USD per second for cost reports; empty: RunPod's price table"),
+    "MAX_INPUT_BYTES": ("20000000", "largest accepted input image, in bytes"),
+    "MAX_INPUT_PIXELS": ("40000000", "largest accepted input image, in pixels"),
+    "LOG_LEVEL": ("INFO", "DEBUG | INFO | WARNING | ERROR"),
+}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The worker's configuration.  Build it with `Settings.from_env`."""
+
+    variant: Variant
+    model_path: Path
+    lora_path: Path | None  # None: the default for the model source (baked layout or tiny file)
+    lightning: bool
+    tiny_model: bool
+    attention_backend: str
+    memory_saving: str
+    warmup: bool
+    gpu_price_per_second: float | None
+    max_input_bytes: int
+    max_input_pixels: int
+    log_level: str
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """Parse settings from `env` (default: os.environ); raise SettingsError on a bad value."""
+        env = os.environ if env is None else env
+
+        def raw(name: str) -> str:
+            value = env.get(name, "")
+            return value.strip() if value.strip() else SETTINGS[name][0]
+
+        variant_name = raw("MODEL_VARIANT").lower()
+        if variant_name not in VARIANTS:
+            raise SettingsError("MODEL_VARIANT", f"must be one of {', '.join(VARIANTS)} (got {variant_name!r})")
+        model_path = Path(raw("MODEL_PATH") or f"/models/{variant_name}")
+        lora = raw("LORA_PATH")
+        return cls(
+            variant=VARIANTS[variant_name],
+            model_path=model_path,
+            lora_path=Path(lora) if lora else None,
+            lightning=_flag("LIGHTNING", raw("LIGHTNING")),
+            tiny_model=_flag("TINY_MODEL", raw("TINY_MODEL")),
+            attention_backend=_choice("ATTENTION_BACKEND", raw("ATTENTION_BACKEND").lower(), ATTENTION_BACKENDS),
+            memory_saving=_choice("MEMORY_SAVING", raw("MEMORY_SAVING").lower(), MEMORY_SAVING_MODES),
+            warmup=_flag("WARMUP", raw("WARMUP")),
+            gpu_price_per_second=_price(raw("GPU_PRICE_PER_SECOND")),
+            max_input_bytes=_positive_int("MAX_INPUT_BYTES", raw("MAX_INPUT_BYTES")),
+            max_input_pixels=_positive_int("MAX_INPUT_PIXELS", raw("MAX_INPUT_PIXELS")),
+            log_level=_choice("LOG_LEVEL", raw("LOG_LEVEL").upper(), LOG_LEVELS),
+        )
+
+    def default_lora_path(self) -> Path:
+        """Where the baked image keeps the variant's Lightning file (see builder/)."""
+        return self.model_path / "lightning" / self.variant.lora_basename
+
+    def summary(self) -> dict[str, object]:
+        """The settings as plain values, for the startup log (no secrets live here)."""
+        out: dict[str, object] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = value.name if isinstance(value, Variant) else str(value) if isinstance(value, Path) else value
+        return out
+
+
+def _flag(name: str, value: str) -> bool:
+    lowered = value.lower()
+    if lowered in _TRUE:
+        return True
+    if lowered in _FALSE:
+        return False
+    raise SettingsError(name, f"must be 1 or 0 (also true/false, yes/no, on/off); got {value!r}")
+
+
+def _choice(name: str, value: str, allowed: tuple[str, ...]) -> str:
+    if value not in allowed:
+        raise SettingsError(name, f"must be one of {', '.join(allowed)} (got {value!r})")
+    return value
+
+
+def _price(value: str) -> float | None:
+    if not value:
+        return None
+    try:
+        price = float(value)
+    except ValueError:
+        price = -1.0
+    if not 0 < price < 1:
+        raise SettingsError(
+            "GPU_PRICE_PER_SECOND", f"must be a price in USD per second, above 0 and below 1 (got {value!r})"
+        )
+    return price
+
+
+def _positive_int(name: str, value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number <= 0:
+        raise SettingsError(name, f"must be a positive whole number (got {value!r})")
+    return number

@@ -1,0 +1,37 @@
+"""Working and output sizes: how many pixels the model works on, at the input's aspect ratio.
+
+Why this exists: the edit's cost grows with its area (image tokens), so the area is a request
+parameter (`megapixels`, or explicit `width` and `height`).  The output keeps the aspect ratio of
+the last input picture (the one the pipelines size their output from), in multiples of 16 (the
+VAE's factor 8 times the transformer's 2x2 patches).  One megapixel here is 1024*1024 pixels, the
+area the pipelines use by default, so `megapixels: 1` reproduces their usual size.  Pure arithmetic, no torch.
+"""
+
+from __future__ import annotations
+
+import math
+
+MEGAPIXEL = 1024 * 1024  # the pipelines' own "1 MP" (their default working area)
+MULTIPLE = 16
+MIN_SIDE = 64
+MAX_SIDE = 2048
+
+
+def output_size(aspect: float, megapixels: float) -> tuple[int, int]:
+    """(width, height) of about `megapixels` MP at `aspect` (width / height), each side 64..2048."""
+    area = megapixels * MEGAPIXEL
+    width = math.sqrt(area * aspect)
+    height = width / aspect
+    # Keep both sides within bounds, preserving the aspect ratio as far as the bounds allow.
+    scale = min(1.0, MAX_SIDE / width, MAX_SIDE / height)
+    scale = max(scale, MIN_SIDE / width, MIN_SIDE / height)
+    return _snap(width * scale), _snap(height * scale)
+
+
+def working_area(size: tuple[int, int]) -> int:
+    """The pixel area the pipeline sizes its VAE conditioning images to (default 1024*1024)."""
+    return size[0] * size[1]
+
+
+def _snap(side: float) -> int:
+    return int(min(MAX_SIDE, max(MIN_SIDE, round(side / MULTIPLE) * MULTIPLE)))

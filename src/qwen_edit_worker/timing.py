@@ -1,0 +1,67 @@
+"""Stage timing for a job: where each millisecond went.
+
+Why this exists: what an edit costs is the GPU's price per second times the job's seconds, so
+people need to see every stage (inputs, text encoding, VAE encoding, denoising, decoding,
+outputs).  GPU work is asynchronous, so on CUDA the clock is read only after synchronising
+(`sync`), otherwise a stage's time would land in whichever later stage waits for the GPU.
+Pure: the synchronise function is injected; no torch import here.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+STAGES = ("inputs", "text_encode", "vae_encode", "denoise", "decode", "outputs")
+
+
+class StageClock:
+    """Accumulates named stage durations in seconds; one instance per job."""
+
+    def __init__(self, sync: Callable[[], None] | None = None) -> None:
+        self._sync = sync
+        self.started = self.now()
+        self.seconds: dict[str, float] = {}
+        self.marks: dict[str, float] = {}
+
+    def set_sync(self, sync: Callable[[], None]) -> None:
+        """Synchronise the device before every later reading (set once the model's device is known)."""
+        self._sync = sync
+
+    def now(self) -> float:
+        if self._sync is not None:
+            self._sync()
+        return time.perf_counter()
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        start = self.now()
+        try:
+            yield
+        finally:
+            self.add(name, self.now() - start)
+
+    def add(self, name: str, seconds: float) -> None:
+        self.seconds[name] = self.seconds.get(name, 0.0) + seconds
+
+    def mark(self, name: str) -> None:
+        """Record a point in time (e.g. the end of the last denoising step)."""
+        self.marks[name] = self.now()
+
+    def elapsed(self) -> float:
+        return self.now() - self.started
+
+    def ms(self, name: str) -> float:
+        return round(self.seconds.get(name, 0.0) * 1000, 2)
+
+
+def timing_report(clock: StageClock, *, cold_start: bool, load_seconds: float, steps: int) -> dict[str, object]:
+    """The job output's `timing` block; `load_ms` is the time this job waited for the model."""
+    total = clock.elapsed()
+    report: dict[str, object] = {"cold_start": cold_start, "load_ms": round(load_seconds * 1000, 2)}
+    report.update({f"{name}_ms": clock.ms(name) for name in STAGES})
+    report["total_ms"] = round(total * 1000, 2)
+    report["steps"] = steps
+    report["ms_per_step"] = round(clock.ms("denoise") / steps, 2) if steps else 0.0
+    return report

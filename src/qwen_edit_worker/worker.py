@@ -1,0 +1,156 @@
+"""One RunPod job, from `input` to edited pictures, timing, cost and a log line.
+
+Why this exists: this is the job's whole story in order (validate, read the pictures, wait for
+the model if it is still loading, edit, encode, report), and the one place that turns every
+failure into the caller-facing shape: a request or load error is returned as the job's `error`;
+CUDA out-of-memory frees the cache and asks RunPod for a fresh worker (`refresh_worker`); any
+other error is logged with its traceback and answered briefly, and the next job still runs.
+Never logs pictures, base64 data, tokens or keys.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from . import images_in, images_out, sizing
+from .cost import job_cost
+from .errors import SettingsError, WorkerError
+from .lazy import LazyLoad
+from .schema import MAX_SEED, EditRequest, ModelDefaults, parse_request
+from .settings import Settings
+from .timing import StageClock, timing_report
+
+log = logging.getLogger(__name__)
+Progress = Callable[[dict[str, Any], Any], None]
+LIGHTNING_MAX_STEPS = 4  # the LoRA is distilled for 4 steps; 3 is this worker's default
+
+
+class Worker:
+    """Handles jobs; create one per process."""
+
+    def __init__(self, env: Mapping[str, str] | None = None, progress: Progress | None = None) -> None:
+        self.progress = progress
+        self.settings: Settings | None = None
+        self.settings_error: SettingsError | None = None
+        try:
+            self.settings = Settings.from_env(env)
+        except SettingsError as err:
+            log.error("bad setting, every job will fail until it is fixed: %s", err)
+            self.settings_error = err
+        self.model: LazyLoad[Any] = LazyLoad(self._load)
+
+    def start(self) -> None:
+        """Start loading in the background when WARMUP is on (the default)."""
+        if self.settings is not None:
+            log.info("settings: %s", self.settings.summary())
+            if self.settings.warmup:
+                self.model.start()
+
+    def _load(self) -> Any:
+        from .engine import Editor
+        from .loader import load_model
+
+        assert self.settings is not None
+        return Editor(load_model(self.settings))
+
+    def handle(self, job: Mapping[str, Any]) -> dict[str, Any]:
+        """The RunPod handler: a job in, the output (or `error`) out."""
+        job_id = str(job.get("id", "local"))
+        try:
+            return self._run(job, job_id)
+        except WorkerError as err:
+            log.warning("job %s failed: %s", job_id, err)
+            return {"error": str(err)}
+        except Exception as err:  # the worker must keep serving; the caller gets a short cause
+            if type(err).__name__ == "OutOfMemoryError":
+                return self._out_of_memory(job_id)
+            log.exception("job %s failed with an internal error", job_id)
+            return {"error": f"internal error ({type(err).__name__}); details are in the worker log"}
+
+    def _run(self, job: Mapping[str, Any], job_id: str) -> dict[str, Any]:
+        if self.settings_error is not None:
+            raise self.settings_error
+        assert self.settings is not None
+        settings = self.settings
+        clock = StageClock()
+        defaults = ModelDefaults.for_model(settings.variant, settings.lightning)
+        request = parse_request(job.get("input"), settings.variant, defaults)
+        limits = images_in.InputLimits(settings.max_input_bytes, settings.max_input_pixels)
+        with clock.stage("inputs"):
+            fields = [request.image_field] if len(request.images) == 1 else [
+                f"{request.image_field}[{i}]" for i in range(len(request.images))]
+            pictures = [images_in.load_image(src, field, limits) for src, field in zip(request.images, fields)]
+
+        editor, cold, waited = self.model.get()
+        clock.set_sync(editor.sync)
+        size, warnings = _plan(request, pictures[-1].size, settings.lightning)
+        seed = request.seed if request.seed is not None else secrets.randbelow(MAX_SEED + 1)
+        seeds = [(seed + i) % (MAX_SEED + 1) for i in range(request.num_images)]
+
+        def on_step(done: int, total: int) -> None:
+            if self.progress is not None:
+                self.progress(dict(job), {"step": done, "steps": total})
+
+        pixels = editor.edit(
+            pictures, prompt=request.prompt, negative_prompt=request.negative_prompt,
+            true_cfg_scale=request.true_cfg_scale, steps=request.num_inference_steps, size=size, seeds=seeds,
+            clock=clock, on_step=on_step,
+        )
+        with clock.stage("outputs"):
+            images = []
+            for picture_pixels, image_seed in zip(pixels, seeds):
+                encoded = images_out.encode(images_out.to_pil(picture_pixels), request.output_format,
+                                            request.output_quality)
+                images.append({"image": encoded.base64(), "type": "base64", "format": encoded.format,
+                               "width": encoded.width, "height": encoded.height, "seed": image_seed})
+        model = editor.model
+        timing = timing_report(clock, cold_start=cold, load_seconds=waited, steps=request.num_inference_steps)
+        cost = job_cost(clock.elapsed(), len(images), model.gpu_name, settings.gpu_price_per_second)
+        log.info(
+            "job %s done: %d image(s) %dx%d from %d input(s), %d steps, cfg %.1f, seed %d, cold=%s, "
+            "stages ms: %s, total %.0f ms, cost %s", job_id, len(images), size[0], size[1], len(pictures),
+            request.num_inference_steps, request.true_cfg_scale, seed, cold,
+            " ".join(f"{k.removesuffix('_ms')}={v}" for k, v in timing.items() if k.endswith("_ms")),
+            timing["total_ms"], "unknown" if cost["usd"] is None else f"${cost['usd']:.5f}",
+        )
+        return {"images": images, "seed": seed, "timing": timing, "cost": cost,
+                "model": model.info(request.num_inference_steps), "warnings": warnings}
+
+    def _out_of_memory(self, job_id: str) -> dict[str, Any]:
+        import gc
+
+        import torch
+
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        log.error("job %s ran out of GPU memory; asking RunPod to refresh this worker", job_id)
+        return {
+            "error": "out of GPU memory: try a smaller input.megapixels (or width and height) or fewer "
+                     "input.num_images; this worker will be replaced after this job",
+            "refresh_worker": True,
+        }
+
+
+def _plan(request: EditRequest, last_input: tuple[int, int], lightning: bool) -> tuple[tuple[int, int], list[str]]:
+    """The output size and any warnings worth telling the caller."""
+    warnings: list[str] = []
+    if request.size is not None:
+        size = request.size
+    else:
+        size = sizing.output_size(last_input[0] / last_input[1], request.megapixels)
+        exact = sizing.output_size(1.0, request.megapixels)
+        if abs(size[0] * size[1] - exact[0] * exact[1]) > 0.2 * exact[0] * exact[1]:
+            warnings.append(f"the input's aspect ratio is extreme; output is {size[0]}x{size[1]} (sides are "
+                            f"kept within {sizing.MIN_SIDE}..{sizing.MAX_SIDE} px)")
+    if lightning and request.num_inference_steps > LIGHTNING_MAX_STEPS:
+        warnings.append(f"{request.num_inference_steps} steps with the Lightning LoRA, which is distilled for "
+                        f"{LIGHTNING_MAX_STEPS}: more steps cost more and rarely help")
+    if lightning and request.true_cfg_scale > 1.0:
+        warnings.append("true_cfg_scale above 1 with the Lightning LoRA (distilled for 1.0) doubles the work "
+                        "per step")
+    return size, warnings
+
