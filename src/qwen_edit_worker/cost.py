@@ -8,15 +8,18 @@ the cost fields are null rather than a made-up number.  Pure: no torch.
 
 from __future__ import annotations
 
-# RunPod serverless flex prices, USD per second (facts.md section 8, November 2026).  Matched
-# against torch.cuda.get_device_name() in order, so more specific names come first.
+import re
+
+# RunPod serverless flex prices, USD per second (facts.md section 8, November 2026).  Each name
+# is matched as a whole word in torch.cuda.get_device_name() (so "A40" is not found in
+# "RTX A4000"), in order, so more specific names come first.
 PRICE_TABLE: tuple[tuple[str, float], ...] = (
     ("B200", 0.00240),
     ("H200", 0.00155),
     ("H100", 0.00116),
     ("RTX PRO 6000", 0.00111),
     ("A100", 0.00076),
-    ("L40", 0.00053),  # L40 and L40S
+    ("L40S?", 0.00053),  # L40 and L40S
     ("RTX 6000 ADA", 0.00053),
     ("A6000", 0.00034),
     ("A40", 0.00034),
@@ -36,8 +39,8 @@ def table_price(gpu_name: str | None) -> float | None:
     if not gpu_name:
         return None
     upper = gpu_name.upper()
-    for needle, price in PRICE_TABLE:
-        if needle in upper:
+    for name, price in PRICE_TABLE:
+        if re.search(rf"(?<![A-Z0-9]){name}(?![A-Z0-9])", upper):
             return price
     return None
 

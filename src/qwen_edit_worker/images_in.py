@@ -15,6 +15,7 @@ import re
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import RequestError
@@ -65,8 +66,9 @@ def _to_rgb(picture: Image.Image) -> Image.Image:
     if picture.mode == "RGB":
         return picture
     if picture.mode in ("I;16", "I;16B", "I;16L", "I"):
-        # 16-bit or 32-bit greyscale: scale to 8 bits instead of clipping at 255.
-        picture = picture.point(lambda v: v / 257 if v <= 65535 else v / 16843009).convert("L")
+        # 16-bit greyscale (Pillow reads it as I;16 or I): scale to 8 bits instead of clipping at 255.
+        wide = np.asarray(picture, dtype=np.float32)
+        picture = Image.fromarray(np.clip(wide / 257.0, 0, 255).round().astype(np.uint8), mode="L")
     if picture.mode == "P":
         picture = picture.convert("RGBA" if "transparency" in picture.info else "RGB")
     if picture.mode in ("RGBA", "LA", "PA", "RGBa", "La"):

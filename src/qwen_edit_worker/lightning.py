@@ -68,7 +68,8 @@ def fuse_lightning(pipe: Any, path: Path, setting: str = "LORA_PATH") -> int:
     try:
         pipe.load_lora_weights(state, adapter_name=ADAPTER)
     except (ValueError, KeyError, RuntimeError) as err:
-        raise ModelLoadError(setting, f"{path} does not fit this model's transformer ({err})") from None
+        detail = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+        raise ModelLoadError(setting, f"{path} does not fit this model's transformer ({detail})") from None
     matched = _lora_layers(pipe.transformer)
     if ADAPTER not in pipe.get_list_adapters().get("transformer", []) or matched == 0:
         pipe.unload_lora_weights()

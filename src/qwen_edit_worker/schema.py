@@ -73,17 +73,17 @@ def parse_request(raw: Any, variant: Variant, defaults: ModelDefaults) -> EditRe
     seed = _integer(raw, "seed", -1, -1, MAX_SEED)
     steps = _integer(raw, "num_inference_steps", defaults.num_inference_steps, 1, 50)
     cfg = _number(raw, "true_cfg_scale", defaults.true_cfg_scale, 1.0, 10.0)
-    if cfg > 1.0 and not negative.strip():
+    if cfg > 1.0 and not negative:
         raise RequestError(
-            "input.true_cfg_scale", "above 1.0 needs a non-empty input.negative_prompt (CFG compares the two)"
+            "input.true_cfg_scale",
+            'above 1.0 needs an input.negative_prompt (CFG compares the two; " " is the usual blank one)',
         )
     megapixels = _number(raw, "megapixels", 1.0, 0.0625, 2.0)
     size = _explicit_size(raw)
     if size is not None and "megapixels" in raw:
         raise RequestError("input.megapixels", "give either megapixels or width and height, not both")
-    fmt = _text(raw, "output_format", "png", 1).lower()
-    if fmt == "jpg":
-        fmt = "jpeg"
+    fmt = raw.get("output_format", "png")
+    fmt = {"jpg": "jpeg"}.get(fmt.lower(), fmt.lower()) if isinstance(fmt, str) else fmt
     if fmt not in OUTPUT_FORMATS:
         raise RequestError("input.output_format", f"must be one of {', '.join(OUTPUT_FORMATS)} (got {describe(fmt)})")
     return EditRequest(
@@ -147,8 +147,12 @@ def _checked(raw: Mapping[str, Any], name: str, default: Any, convert: Callable[
         return default
     number = None if isinstance(value, bool) else convert(value)
     if number is None or not low <= number <= high:
-        raise RequestError(f"input.{name}", f"must be {kind} from {low:g} to {high:g} (got {describe(value)})")
+        raise RequestError(f"input.{name}", f"must be {kind} from {_num(low)} to {_num(high)} (got {describe(value)})")
     return number
+
+
+def _num(bound: float) -> str:
+    return str(int(bound)) if float(bound).is_integer() else f"{bound:g}"
 
 
 def _as_int(value: Any) -> int | None:

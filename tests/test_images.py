@@ -1,0 +1,174 @@
+"""Reading input pictures (base64, data URI, http URL) and encoding outputs, with real codecs."""
+
+from __future__ import annotations
+
+import base64
+import http.server
+import io
+import threading
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import encode_picture, picture
+from qwen_edit_worker import images_out
+from qwen_edit_worker.errors import RequestError
+from qwen_edit_worker.images_in import InputLimits, decode_image, load_image
+
+LIMITS = InputLimits(max_bytes=2_000_000, max_pixels=4_000_000)
+FIELD = "input.image"
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def load(source: str, limits: InputLimits = LIMITS) -> Image.Image:
+    return load_image(source, FIELD, limits)
+
+
+def rejects(source: str, fragment: str, limits: InputLimits = LIMITS) -> None:
+    with pytest.raises(RequestError) as caught:
+        load(source, limits)
+    assert caught.value.subject == FIELD and fragment in caught.value.message
+
+
+class TestSources:
+    def test_raw_base64_and_data_uri_give_the_same_pixels(self) -> None:
+        data = encode_picture(picture(80, 48))
+        raw, uri = load(b64(data)), load("data:image/png;base64," + b64(data))
+        assert raw.size == (80, 48) and raw.mode == "RGB"
+        assert np.array_equal(np.asarray(raw), np.asarray(uri))
+        assert np.array_equal(np.asarray(raw), np.asarray(picture(80, 48)))
+
+    def test_base64_with_newlines_and_no_padding(self) -> None:
+        text = b64(encode_picture(picture(40, 40))).rstrip("=")
+        assert load("\n".join(text[i:i + 76] for i in range(0, len(text), 76))).size == (40, 40)
+
+    @pytest.mark.parametrize(("source", "fragment"), [
+        ("file:///etc/passwd", "scheme 'file' is not allowed"),
+        ("ftp://example.com/a.png", "scheme 'ftp' is not allowed"),
+        ("/etc/passwd", "not a picture"),  # a path is never read: it is only (bad) base64
+        ("not base64 at all!", "not valid base64"),
+        ("data:image/png,rawbytes", "must be base64 encoded"),
+        ("data:;;;", "malformed data URI"),
+        (b64(b"hello world, not a picture"), "not a picture"),
+    ])
+    def test_rejected_sources(self, source: str, fragment: str) -> None:
+        rejects(source, fragment)
+
+    def test_byte_cap_before_decoding(self) -> None:
+        rejects(b64(encode_picture(picture(300, 300))), "MAX_INPUT_BYTES", InputLimits(10_000, 4_000_000))
+
+
+class TestDecoding:
+    def test_pixel_cap_checked_before_full_decode(self) -> None:
+        rejects(b64(encode_picture(Image.new("RGB", (3000, 2000)))), "MAX_INPUT_PIXELS")
+
+    def test_minimum_side(self) -> None:
+        rejects(b64(encode_picture(picture(31, 64))), "at least 32 pixels")
+
+    def test_truncated_file(self) -> None:
+        data = encode_picture(picture(200, 200), "JPEG")
+        rejects(b64(data[: len(data) // 2]), "damaged or truncated")
+
+    def test_exif_orientation_applied(self) -> None:
+        exif = Image.Exif()
+        exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+        assert load(b64(encode_picture(picture(80, 40), "JPEG", exif=exif))).size == (40, 80)
+
+    def test_alpha_goes_over_white(self) -> None:
+        rgba = Image.new("RGBA", (40, 40), (255, 0, 0, 0))
+        rgba.paste((0, 0, 255, 255), (0, 0, 20, 40))
+        pixels = np.asarray(load(b64(encode_picture(rgba))))
+        assert tuple(pixels[0, 0]) == (0, 0, 255) and tuple(pixels[0, 39]) == (255, 255, 255)
+
+    def test_palette_with_transparency(self) -> None:
+        pal = Image.new("P", (40, 40), 0)
+        pal.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
+        pal.paste(1, (0, 0, 20, 40))
+        pal.info["transparency"] = 0
+        pixels = np.asarray(load(b64(encode_picture(pal, transparency=0))))
+        assert tuple(pixels[0, 0]) == (255, 0, 0) and tuple(pixels[0, 39]) == (255, 255, 255)
+
+    @pytest.mark.parametrize("mode", ["L", "CMYK", "I;16", "LA"])
+    def test_modes_become_rgb(self, mode: str) -> None:
+        img = picture(48, 48).convert(mode) if mode != "I;16" else Image.new("I;16", (48, 48), 65535)
+        fmt = "JPEG" if mode == "CMYK" else "PNG"
+        out = load(b64(encode_picture(img, fmt)))
+        assert out.mode == "RGB" and out.size == (48, 48)
+        if mode == "I;16":
+            assert tuple(np.asarray(out)[0, 0]) == (255, 255, 255)  # 16-bit white stays white
+
+    def test_animation_takes_first_frame(self) -> None:
+        frames = [Image.new("RGB", (40, 40), color) for color in ((255, 0, 0), (0, 255, 0))]
+        buffer = io.BytesIO()
+        frames[0].save(buffer, "GIF", save_all=True, append_images=frames[1:])
+        assert tuple(np.asarray(load(b64(buffer.getvalue())))[5, 5]) == (255, 0, 0)
+
+    @pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP", "BMP", "TIFF"])
+    def test_formats(self, fmt: str) -> None:
+        assert decode_image(encode_picture(picture(64, 40), fmt), FIELD, 10**6).size == (64, 40)
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    routes: dict[str, tuple[int, bytes]] = {}
+
+    def do_GET(self) -> None:  # noqa: N802
+        status, body = self.routes.get(self.path, (404, b"missing"))
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[str]:
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+
+
+class TestUrls:
+    def test_fetch(self, server: str) -> None:
+        _Handler.routes["/a.png"] = (200, encode_picture(picture(50, 60)))
+        assert np.array_equal(np.asarray(load(f"{server}/a.png")), np.asarray(picture(50, 60)))
+
+    def test_http_error_names_host(self, server: str) -> None:
+        rejects(f"{server}/nothing.png", "fetching from 127.0.0.1 failed: HTTP 404")
+
+    def test_streamed_size_cap(self, server: str) -> None:
+        _Handler.routes["/big.bin"] = (200, b"\0" * 300_000)
+        rejects(f"{server}/big.bin", "over the 100,000-byte limit", InputLimits(100_000, 10**6))
+
+    def test_unreachable_host(self) -> None:
+        rejects("http://127.0.0.1:9/a.png", "fetching from 127.0.0.1 failed (ConnectionError)")
+
+
+class TestOutputs:
+    @pytest.mark.parametrize("fmt", ["png", "jpeg", "webp"])
+    def test_round_trip(self, fmt: str) -> None:
+        source = picture(96, 64)
+        encoded = images_out.encode(source, fmt, 95)
+        back = Image.open(io.BytesIO(encoded.data))
+        assert back.format == fmt.upper() and back.size == (96, 64) == (encoded.width, encoded.height)
+        assert base64.b64decode(encoded.base64()) == encoded.data
+        if fmt == "png":
+            assert np.array_equal(np.asarray(back.convert("RGB")), np.asarray(source))  # lossless
+
+    def test_quality_changes_lossy_size(self) -> None:
+        source = picture(128, 128)
+        for fmt in ("jpeg", "webp"):
+            assert len(images_out.encode(source, fmt, 20).data) < len(images_out.encode(source, fmt, 95).data)
+
+    def test_to_pil(self) -> None:
+        pixels = np.zeros((8, 12, 3), np.uint8)
+        pixels[..., 1] = 200
+        assert images_out.to_pil(pixels).getpixel((3, 3)) == (0, 200, 0)

@@ -1,0 +1,67 @@
+"""Settings: defaults, parsing, and errors that name the setting and what is allowed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from qwen_edit_worker.errors import SettingsError
+from qwen_edit_worker.settings import SETTINGS, Settings
+
+
+class TestDefaults:
+    def test_empty_environment(self) -> None:
+        s = Settings.from_env({})
+        assert s.variant.name == "edit-2511"
+        assert s.model_path == Path("/models/edit-2511")
+        assert s.lora_path is None
+        assert s.default_lora_path() == Path(
+            "/models/edit-2511/lightning/Qwen-Image-Edit-2511-Lightning-4steps-V1.0-bf16.safetensors")
+        assert (s.lightning, s.tiny_model, s.warmup) == (True, False, True)
+        assert (s.attention_backend, s.memory_saving, s.log_level) == ("auto", "auto", "INFO")
+        assert s.gpu_price_per_second is None
+        assert (s.max_input_bytes, s.max_input_pixels) == (20_000_000, 40_000_000)
+
+    def test_model_path_follows_variant(self) -> None:
+        assert Settings.from_env({"MODEL_VARIANT": "edit-2509"}).model_path == Path("/models/edit-2509")
+        assert Settings.from_env({"MODEL_VARIANT": "edit", "MODEL_PATH": "/v/m"}).default_lora_path() == Path(
+            "/v/m/lightning/Qwen-Image-Edit-Lightning-4steps-V1.0-bf16.safetensors")
+
+    def test_blank_values_mean_default(self) -> None:
+        assert Settings.from_env({"MODEL_VARIANT": " ", "GPU_PRICE_PER_SECOND": ""}).variant.name == "edit-2511"
+
+    def test_every_field_is_a_documented_setting(self) -> None:
+        assert len(SETTINGS) == len(Settings.__dataclass_fields__)
+
+
+class TestParsing:
+    @pytest.mark.parametrize(("raw", "expected"), [("1", True), ("TRUE", True), ("on", True), ("0", False),
+                                                   ("no", False), ("off", False)])
+    def test_flags(self, raw: str, expected: bool) -> None:
+        assert Settings.from_env({"LIGHTNING": raw}).lightning is expected
+
+    def test_values(self) -> None:
+        s = Settings.from_env({"ATTENTION_BACKEND": "XFormers", "MEMORY_SAVING": "on", "LORA_PATH": "/l.safetensors",
+                               "GPU_PRICE_PER_SECOND": "0.00116", "LOG_LEVEL": "debug"})
+        assert (s.attention_backend, s.memory_saving, s.log_level) == ("xformers", "on", "DEBUG")
+        assert s.lora_path == Path("/l.safetensors") and s.gpu_price_per_second == 0.00116
+
+
+class TestErrors:
+    @pytest.mark.parametrize(("name", "value", "allowed"), [
+        ("MODEL_VARIANT", "edit-2512", "edit, edit-2509, edit-2511"),
+        ("ATTENTION_BACKEND", "sage", "auto, xformers, flash, native"),
+        ("MEMORY_SAVING", "maybe", "auto, on, off"),
+        ("LIGHTNING", "2", "must be 1 or 0"),
+        ("WARMUP", "yes please", "must be 1 or 0"),
+        ("GPU_PRICE_PER_SECOND", "cheap", "above 0 and below 1"),
+        ("GPU_PRICE_PER_SECOND", "-0.1", "above 0 and below 1"),
+        ("MAX_INPUT_BYTES", "0", "positive whole number"),
+        ("LOG_LEVEL", "loud", "DEBUG, INFO, WARNING, ERROR"),
+    ])
+    def test_bad_value_names_setting(self, name: str, value: str, allowed: str) -> None:
+        with pytest.raises(SettingsError) as caught:
+            Settings.from_env({name: value})
+        assert caught.value.subject == name
+        assert str(caught.value).startswith(f"{name}: ") and allowed in str(caught.value)
