@@ -47,7 +47,8 @@ def decode_image(data: bytes, field: str, max_pixels: int) -> Image.Image:
         picture = Image.open(io.BytesIO(data))
         width, height = picture.size
         if width * height > max_pixels:
-            raise RequestError(field, f"picture is {width}x{height}, over the {max_pixels:,}-pixel limit (MAX_INPUT_PIXELS)")
+            raise RequestError(
+                field, f"picture is {width}x{height}, over the {max_pixels:,}-pixel limit (MAX_INPUT_PIXELS)")
         if min(width, height) < MIN_SIDE:
             raise RequestError(field, f"picture is {width}x{height}; each side must be at least {MIN_SIDE} pixels")
         picture.seek(0)  # first frame of an animation
@@ -111,7 +112,8 @@ def _fetch(url: str, field: str, max_bytes: int) -> bytes:
             for chunk in response.iter_content(64 * 1024):
                 size += len(chunk)
                 if size > max_bytes:
-                    raise RequestError(field, f"the picture at {host} is over the {max_bytes:,}-byte limit (MAX_INPUT_BYTES)")
+                    raise RequestError(
+                        field, f"the picture at {host} is over the {max_bytes:,}-byte limit (MAX_INPUT_BYTES)")
                 chunks.append(chunk)
             return b"".join(chunks)
     except requests.RequestException as err:

@@ -58,6 +58,12 @@ class EditRequest:
     output_format: str
     output_quality: int
 
+    def sources(self) -> list[tuple[str, str]]:
+        """(source, field name for errors) per picture: input.image, or input.images[i]."""
+        if self.image_field == "input.image":
+            return [(self.images[0], self.image_field)]
+        return [(source, f"{self.image_field}[{i}]") for i, source in enumerate(self.images)]
+
 
 def parse_request(raw: Any, variant: Variant, defaults: ModelDefaults) -> EditRequest:
     """Validate a job's `input`; raise RequestError naming the first bad field."""

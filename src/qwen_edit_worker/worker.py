@@ -80,9 +80,7 @@ class Worker:
         request = parse_request(job.get("input"), settings.variant, defaults)
         limits = images_in.InputLimits(settings.max_input_bytes, settings.max_input_pixels)
         with clock.stage("inputs"):
-            fields = [request.image_field] if len(request.images) == 1 else [
-                f"{request.image_field}[{i}]" for i in range(len(request.images))]
-            pictures = [images_in.load_image(src, field, limits) for src, field in zip(request.images, fields)]
+            pictures = [images_in.load_image(source, field, limits) for source, field in request.sources()]
 
         editor, cold, waited = self.model.get()
         clock.set_sync(editor.sync)
@@ -101,7 +99,7 @@ class Worker:
         )
         with clock.stage("outputs"):
             images = []
-            for picture_pixels, image_seed in zip(pixels, seeds):
+            for picture_pixels, image_seed in zip(pixels, seeds, strict=True):
                 encoded = images_out.encode(images_out.to_pil(picture_pixels), request.output_format,
                                             request.output_quality)
                 images.append({"image": encoded.base64(), "type": "base64", "format": encoded.format,
