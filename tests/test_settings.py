@@ -8,6 +8,7 @@ import pytest
 
 from qwen_edit_worker.errors import SettingsError
 from qwen_edit_worker.settings import SETTINGS, Settings
+from qwen_edit_worker.sources import resolve
 
 
 class TestDefaults:
@@ -16,7 +17,7 @@ class TestDefaults:
         assert s.variant.name == "edit-2511"
         assert s.model_path == Path("/models/edit-2511")
         assert s.lora_path is None
-        assert s.default_lora_path() == Path(
+        assert resolve(s.model_path).default_lora(s.variant) == Path(
             "/models/edit-2511/lightning/Qwen-Image-Edit-2511-Lightning-4steps-V1.0-bf16.safetensors")
         assert (s.lightning, s.tiny_model, s.warmup) == (True, False, True)
         assert (s.attention_backend, s.memory_saving, s.log_level) == ("auto", "auto", "INFO")
@@ -25,7 +26,8 @@ class TestDefaults:
 
     def test_model_path_follows_variant(self) -> None:
         assert Settings.from_env({"MODEL_VARIANT": "edit-2509"}).model_path == Path("/models/edit-2509")
-        assert Settings.from_env({"MODEL_VARIANT": "edit", "MODEL_PATH": "/v/m"}).default_lora_path() == Path(
+        edit = Settings.from_env({"MODEL_VARIANT": "edit", "MODEL_PATH": "/v/m"})
+        assert resolve(edit.model_path).default_lora(edit.variant) == Path(
             "/v/m/lightning/Qwen-Image-Edit-Lightning-4steps-V1.0-bf16.safetensors")
 
     def test_blank_values_mean_default(self) -> None:
@@ -65,3 +67,38 @@ class TestErrors:
             Settings.from_env({name: value})
         assert caught.value.subject == name
         assert str(caught.value).startswith(f"{name}: ") and allowed in str(caught.value)
+
+
+class TestModelSources:
+    """MODEL_PATH may be a baked folder, RunPod's Hugging Face cache, or any folder."""
+
+    def _cache_repo(self, hub: Path, repo: str, commit: str, files: tuple[str, ...] = ()) -> Path:
+        folder = hub / ("models--" + repo.replace("/", "--"))
+        (folder / "snapshots" / commit).mkdir(parents=True)
+        (folder / "refs").mkdir()
+        (folder / "refs" / "main").write_text(commit)
+        for name in files:
+            (folder / "snapshots" / commit / name).parent.mkdir(parents=True, exist_ok=True)
+            (folder / "snapshots" / commit / name).write_bytes(b"x")
+        return folder
+
+    def test_huggingface_cache_repo_folder(self, tmp_path: Path) -> None:
+        from qwen_edit_worker.variants import VARIANTS
+
+        variant = VARIANTS["edit-2511"]
+        repo = self._cache_repo(tmp_path, variant.repo, "a" * 40)
+        self._cache_repo(tmp_path, variant.lora_repo, "b" * 40, (variant.lora_file,))
+        source = resolve(repo)
+        assert source.kind == "huggingface-cache" and source.path == repo / "snapshots" / ("a" * 40)
+        assert source.manifest() == {"model": f"{variant.repo}@{'a' * 12}"}
+        assert source.default_lora(variant) == tmp_path / (
+            "models--" + variant.lora_repo.replace("/", "--")) / "snapshots" / ("b" * 40) / variant.lora_file
+
+    def test_baked_manifest_and_plain_folder(self, tmp_path: Path) -> None:
+        import json
+
+        (tmp_path / "manifest.json").write_text(json.dumps(
+            {"model": {"repo": "Qwen/X", "commit": "c" * 40}, "lora": {"repo": "l/Y", "commit": "d" * 40}}))
+        assert resolve(tmp_path).manifest() == {"model": f"Qwen/X@{'c' * 12}", "lora": f"l/Y@{'d' * 12}"}
+        (tmp_path / "manifest.json").write_text("{broken")
+        assert resolve(tmp_path).kind == "folder" and resolve(tmp_path).manifest() is None

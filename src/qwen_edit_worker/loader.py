@@ -12,11 +12,11 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import accel, lightning
+from . import accel, lightning, sources
 from .errors import ModelLoadError
 from .settings import Settings
 
@@ -36,8 +36,8 @@ class LoadedModel:
     memory_saving: list[str]
     source: str
     lora_layers: int
+    manifest: dict[str, str] | None = None
     load_seconds: float = 0.0
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def info(self, steps: int) -> dict[str, Any]:
         """The job output's `model` block."""
@@ -50,7 +50,7 @@ class LoadedModel:
             "dtype": self.dtype,
             "device": self.device,
             "source": self.source,
-            **self.extra,
+            "manifest": self.manifest,
         }
 
 
@@ -64,12 +64,16 @@ def load_model(settings: Settings) -> LoadedModel:
     device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
     backend = accel.choose_attention_backend(settings.attention_backend, cuda)
 
-    pipe, source = _build_pipeline(settings, dtype)
+    source = None if settings.tiny_model else sources.resolve(settings.model_path)
+    if source is not None:
+        log.info("model source: %s %s%s", source.kind, source.path,
+                 f" ({source.model}; LoRA {source.lora or 'from LORA_PATH'})" if source.model else "")
+    pipe = _build_pipeline(settings, source, dtype)
     pipe.to(device)
     lora_layers = 0
     if settings.lightning:
         pipe.scheduler = lightning.lightning_scheduler(pipe.scheduler)
-        lora_path, setting = _lora_path(settings)
+        lora_path, setting = _lora_path(settings, source)
         lora_layers = lightning.fuse_lightning(pipe, lora_path, setting)
     accel.apply_attention_backend(pipe.transformer, backend)
 
@@ -79,30 +83,31 @@ def load_model(settings: Settings) -> LoadedModel:
     pipe.set_progress_bar_config(disable=True)
     model = LoadedModel(
         pipe=pipe, settings=settings, device=device, dtype=str(dtype).removeprefix("torch."), gpu_name=gpu_name,
-        attention_backend=backend, memory_saving=saving, source=source, lora_layers=lora_layers,
+        attention_backend=backend, memory_saving=saving, source="tiny" if source is None else str(source.path),
+        lora_layers=lora_layers, manifest=None if source is None else source.manifest(),
     )
     model.load_seconds = time.perf_counter() - started
     log.info(
-        "model ready in %.1f s: variant=%s source=%s device=%s%s dtype=%s lightning=%s (%d LoRA layers) "
-        "attention=%s memory_saving=%s", model.load_seconds, settings.variant.name, source, device,
+        "model ready in %.1f s: variant=%s from %s device=%s%s dtype=%s lightning=%s (%d LoRA layers) "
+        "attention=%s memory_saving=%s", model.load_seconds, settings.variant.name, model.source, device,
         f" ({gpu_name})" if gpu_name else "", model.dtype, settings.lightning, lora_layers, backend,
         ",".join(saving) or "off",
     )
     return model
 
 
-def _build_pipeline(settings: Settings, dtype: Any) -> tuple[Any, str]:
+def _build_pipeline(settings: Settings, source: sources.ModelSource | None, dtype: Any) -> Any:
     import diffusers
 
     pipeline_class = getattr(diffusers, settings.variant.pipeline_class)
-    if settings.tiny_model:
+    if source is None:
         from . import tiny
 
         pipe = pipeline_class(**tiny.build_components(settings.variant, tiny.base_scheduler()))
         if dtype != pipe.transformer.dtype:  # built in float32; cast only for the GPU (bf16)
             pipe.to(dtype=dtype)
-        return pipe, "tiny"
-    path = settings.model_path
+        return pipe
+    path = source.path
     if not (path / "model_index.json").is_file():
         reason = "does not exist" if not path.exists() else "has no model_index.json (not a diffusers pipeline folder)"
         raise ModelLoadError("MODEL_PATH", f"{path} {reason}; bake the model into the image or point MODEL_PATH at it")
@@ -110,15 +115,15 @@ def _build_pipeline(settings: Settings, dtype: Any) -> tuple[Any, str]:
         pipe = pipeline_class.from_pretrained(str(path), dtype=dtype, local_files_only=True)
     except (OSError, ValueError, KeyError, RuntimeError, TypeError) as err:
         raise ModelLoadError("MODEL_PATH", f"cannot load the pipeline from {path}: {err}") from None
-    return pipe, str(path)
+    return pipe
 
 
-def _lora_path(settings: Settings) -> tuple[Path, str]:
+def _lora_path(settings: Settings, source: sources.ModelSource | None) -> tuple[Path, str]:
     """The LoRA file and the setting that names it (for error messages)."""
     if settings.lora_path is not None:
         return settings.lora_path, "LORA_PATH"
-    if settings.tiny_model:
+    if source is None:
         from . import tiny
 
         return tiny.default_lora_file(settings.variant), "TINY_MODEL"
-    return settings.default_lora_path(), "LORA_PATH"
+    return source.default_lora(settings.variant), "LORA_PATH"

@@ -86,10 +86,6 @@ class Settings:
             log_level=_choice("LOG_LEVEL", raw("LOG_LEVEL").upper(), LOG_LEVELS),
         )
 
-    def default_lora_path(self) -> Path:
-        """Where the baked image keeps the variant's Lightning file (see builder/)."""
-        return self.model_path / "lightning" / self.variant.lora_basename
-
     def summary(self) -> dict[str, object]:
         """The settings as plain values, for the startup log (no secrets live here)."""
         out: dict[str, object] = {}

@@ -1,0 +1,268 @@
+"""Bake one Qwen-Image-Edit variant and its Lightning LoRA into a folder, verified, with a manifest.
+
+Why this exists: a serverless worker must never download 58 GB at run time, and a build must be
+something a person can trust and repeat.  This script resolves the revisions to commit hashes,
+downloads only the files the pipeline loads (safetensors only, only the shards its index names, no
+READMEs or pictures), checks every safetensors header and the LoRA's keys, writes manifest.json
+(repos, commits, files, bytes), and only then moves the folder into place, so a failure never
+leaves a half-written model behind.
+
+    python builder/bake.py --variant edit-2511 [--model-revision main] [--lora-revision main] [--dest /models]
+
+Layout (what the worker's MODEL_PATH and LORA_PATH defaults expect):
+    <dest>/<variant>/model_index.json, transformer/, text_encoder/, vae/, ...
+    <dest>/<variant>/lightning/<the variant's Lightning file>
+    <dest>/<variant>/manifest.json
+
+A token, when the repos need one, comes from HF_TOKEN or the file --token-file (default
+/run/secrets/hf_token, where a BuildKit secret is mounted); it is never printed.  HF_ENDPOINT
+selects another hub (the tests serve a tiny model on loopback).
+Exit codes: 0 done, 2 bad arguments, 3 access refused, 4 disk too small, 5 download failed,
+6 verification failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import fnmatch
+import json
+import logging
+import os
+import re
+import shutil
+import struct
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+try:  # inside the package's checkout or install
+    from qwen_edit_worker.variants import VARIANTS, Variant
+except ModuleNotFoundError:  # in the image's build stage, variants.py is copied beside this script
+    from variants import VARIANTS, Variant  # type: ignore[no-redef]
+
+log = logging.getLogger("bake")
+WEIGHT_FORMATS_SKIPPED = (".bin", ".pt", ".pth", ".ckpt", ".onnx", ".msgpack", ".h5", ".gguf", ".pb")
+SKIPPED = ("*.md", "*.png", "*.jpg", "*.jpeg", "*.gif", "*.webp", ".gitattributes", "*.mp4")
+LORA_KEY = re.compile(
+    r"^(diffusion_model\.|transformer\.)?transformer_blocks\.\d+\.[\w.]+\.(lora_down\.weight|lora_up\.weight|alpha"
+    r"|lora_A\.weight|lora_B\.weight)$"
+)
+FREE_SPACE_MARGIN = 512 * 1024**2
+
+
+class BakeError(Exception):
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def select_files(files: dict[str, int], model_index: dict[str, Any],
+                 shard_maps: dict[str, dict[str, str]]) -> list[str]:
+    """The files of a diffusers repo that the pipeline loads: configs, tokenizers, used safetensors.
+
+    `files` maps repo paths to sizes; `shard_maps` maps each *.safetensors.index.json to its weight_map.
+    """
+    components = [name for name, spec in model_index.items()
+                  if not name.startswith("_") and isinstance(spec, list) and spec[0] is not None]
+    chosen = ["model_index.json"]
+    for component in components:
+        inside = sorted(p for p in files if p.startswith(f"{component}/") and p.count("/") == 1)
+        weights = [p for p in inside if p.endswith(".safetensors")]
+        chosen += [p for p in inside if not p.endswith(".safetensors") and not p.endswith(WEIGHT_FORMATS_SKIPPED)
+                   and not any(fnmatch.fnmatch(p.rsplit("/", 1)[1], pattern) for pattern in SKIPPED)]
+        chosen += _used_weights(component, weights, files, shard_maps)
+    return sorted(set(chosen))
+
+
+def _used_weights(component: str, weights: list[str], files: dict[str, int],
+                  shard_maps: dict[str, dict[str, str]]) -> list[str]:
+    indexes = sorted(p for p in files if p.startswith(f"{component}/") and p.endswith(".safetensors.index.json"))
+    plain_indexes = [p for p in indexes if p.rsplit("/", 1)[1].count(".") == 3]  # no ".fp16." variant part
+    if indexes:
+        index_path = (plain_indexes or indexes)[0]
+        return [f"{component}/{shard}" for shard in sorted(set(shard_maps[index_path].values()))]
+    plain = [p for p in weights if p.rsplit("/", 1)[1].count(".") == 1]
+    return plain or weights
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """Why a safetensors file is unreadable or truncated, or None when its header and size agree."""
+    try:
+        with path.open("rb") as handle:
+            (length,) = struct.unpack("<Q", handle.read(8))
+            if length > 100 * 1024**2:
+                return "header length is implausible"
+            header = json.loads(handle.read(length))
+        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    except (OSError, struct.error, ValueError, KeyError, TypeError) as err:
+        return f"unreadable header ({type(err).__name__})"
+    size = path.stat().st_size
+    if size != 8 + length + end:
+        return f"size {size} does not match its header ({8 + length + end} bytes expected): truncated or damaged"
+    return None
+
+
+def lora_keys(path: Path) -> list[str]:
+    with path.open("rb") as handle:
+        (length,) = struct.unpack("<Q", handle.read(8))
+        return [k for k in json.loads(handle.read(length)) if k != "__metadata__"]
+
+
+def verify(folder: Path, lora: Path) -> None:
+    """Raise BakeError(6) unless every weight file is whole, the LoRA is a LoRA and the pipeline complete."""
+    for path in sorted(folder.rglob("*.safetensors")):
+        problem = safetensors_problem(path)
+        if problem:
+            raise BakeError(6, f"{path.relative_to(folder)}: {problem}")
+    keys = lora_keys(lora)
+    bad = [k for k in keys if not LORA_KEY.match(k)]
+    if not keys or bad or not any(k.endswith(("lora_down.weight", "lora_A.weight")) for k in keys):
+        raise BakeError(6, f"{lora.name} is not a transformer LoRA in the expected key form "
+                           f"(transformer_blocks.N.<module>.lora_down/lora_up/alpha); unexpected: {bad[:3]}")
+    index = json.loads((folder / "model_index.json").read_text())
+    for name, spec in index.items():
+        if name.startswith("_") or not isinstance(spec, list) or spec[0] is None:
+            continue
+        part = folder / name
+        if not part.is_dir() or not any(part.glob("*.json")):
+            raise BakeError(6, f"model_index.json names {name!r} but {name}/ has no configuration")
+
+
+def bake(variant: Variant, dest: Path, model_revision: str, lora_revision: str, token: str | None) -> Path:
+    from huggingface_hub import HfApi, hf_hub_download
+
+    final = dest / variant.name
+    if final.exists():
+        raise BakeError(2, f"{final} already exists; remove it or choose another --dest")
+    dest.mkdir(parents=True, exist_ok=True)
+    staging = dest / f".{variant.name}.partial-{os.getpid()}"
+    api = HfApi(token=token)
+    try:
+        model = _info(api, variant.repo, model_revision)
+        lora_info = _info(api, variant.lora_repo, lora_revision)
+        sizes = {s.rfilename: int(s.size or 0) for s in model.siblings or []}
+        lora_sizes = {s.rfilename: int(s.size or 0) for s in lora_info.siblings or []}
+        if variant.lora_file not in lora_sizes:
+            raise BakeError(2, f"{variant.lora_repo}@{lora_revision} has no file {variant.lora_file}")
+
+        def fetch(repo: str, commit: str, name: str, into: Path) -> Path:
+            try:
+                return Path(hf_hub_download(repo, name, revision=commit, local_dir=into, token=token))
+            except Exception as err:  # network, HTTP and disk errors all end the bake
+                raise _download_error(repo, name, err) from None
+
+        index = json.loads(fetch(variant.repo, model.sha, "model_index.json", staging).read_text())
+        shard_maps = {path: json.loads(fetch(variant.repo, model.sha, path, staging).read_text())["weight_map"]
+                      for path in sizes if path.endswith(".safetensors.index.json")}
+        files = select_files(sizes, index, shard_maps)
+        total = sum(sizes[p] for p in files) + lora_sizes[variant.lora_file]
+        free = shutil.disk_usage(dest).free
+        if total + FREE_SPACE_MARGIN > free:
+            raise BakeError(4, f"the model needs {total / 1e9:.1f} GB and {dest} has {free / 1e9:.1f} GB free; "
+                               "give the build more disk")
+        log.info("baking %s: %s@%s (%d files) + %s, %.2f GB", variant.name, variant.repo, model.sha[:12],
+                 len(files), variant.lora_file, total / 1e9)
+        for path in files:
+            fetch(variant.repo, model.sha, path, staging)
+        lora_tmp = staging / ".lora"
+        fetched = fetch(variant.lora_repo, lora_info.sha, variant.lora_file, lora_tmp)
+        (staging / "lightning").mkdir()
+        lora = staging / "lightning" / variant.lora_basename
+        fetched.replace(lora)
+        _remove_extras(staging, set(files))
+        verify(staging, lora)
+        manifest = {
+            "variant": variant.name,
+            "baked_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            "model": {"repo": variant.repo, "revision": model_revision, "commit": model.sha},
+            "lora": {"repo": variant.lora_repo, "file": variant.lora_file, "revision": lora_revision,
+                     "commit": lora_info.sha},
+            "files": [{"path": p, "bytes": (staging / p).stat().st_size} for p in files]
+                     + [{"path": f"lightning/{variant.lora_basename}", "bytes": lora.stat().st_size}],
+        }
+        manifest["total_bytes"] = sum(f["bytes"] for f in manifest["files"])
+        (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        staging.replace(final)
+        log.info("baked %s into %s (%.2f GB, manifest.json written)", variant.name, final,
+                 manifest["total_bytes"] / 1e9)
+        return final
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _info(api: Any, repo: str, revision: str) -> Any:
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
+
+    try:
+        return api.model_info(repo, revision=revision, files_metadata=True)
+    except RevisionNotFoundError:
+        raise BakeError(2, f"{repo} has no revision {revision!r}") from None
+    except (GatedRepoError, RepositoryNotFoundError):
+        raise BakeError(3, _refused(repo, api.token)) from None
+    except HfHubHTTPError as err:
+        status = getattr(err.response, "status_code", None)
+        if status in (401, 403):
+            raise BakeError(3, _refused(repo, api.token)) from None
+        raise BakeError(5, f"asking the hub about {repo} failed (HTTP {status})") from None
+    except Exception as err:  # connection refused, DNS, timeouts
+        raise BakeError(5, f"cannot reach the hub for {repo} ({type(err).__name__})") from None
+
+
+def _refused(repo: str, token: str | None) -> str:
+    if token:
+        return f"access to {repo} was refused with the token given: check that it has read access to the repo"
+    return (f"access to {repo} was refused: it needs a Hugging Face token; pass one as the BuildKit secret "
+            "hf_token (docker build --secret id=hf_token,env=HF_TOKEN ...)")
+
+
+def _download_error(repo: str, name: str, err: Exception) -> BakeError:
+    if isinstance(err, OSError) and err.errno == 28:
+        return BakeError(4, f"the disk filled up while downloading {name}; give the build more disk")
+    status = getattr(getattr(err, "response", None), "status_code", None)
+    if status in (401, 403):
+        return BakeError(3, _refused(repo, None))
+    return BakeError(5, f"download of {repo}/{name} failed or was interrupted ({type(err).__name__}); "
+                        "nothing was kept, run the build again")
+
+
+def _remove_extras(folder: Path, keep: set[str]) -> None:
+    shutil.rmtree(folder / ".cache", ignore_errors=True)
+    shutil.rmtree(folder / ".lora", ignore_errors=True)
+    for path in sorted(folder.rglob("*"), reverse=True):
+        rel = path.relative_to(folder).as_posix()
+        if path.is_file() and rel not in keep and not rel.startswith("lightning/"):
+            path.unlink()
+
+
+def read_token(token_file: Path) -> str | None:
+    if os.environ.get("HF_TOKEN", "").strip():
+        return os.environ["HF_TOKEN"].strip()
+    if token_file.is_file():
+        return token_file.read_text().strip() or None
+    return None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="bake: %(message)s")  # libraries: warnings only
+    log.setLevel(logging.INFO)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--variant", required=True, help=f"one of {', '.join(VARIANTS)}")
+    parser.add_argument("--model-revision", default="main")
+    parser.add_argument("--lora-revision", default="main")
+    parser.add_argument("--dest", type=Path, default=Path("/models"))
+    parser.add_argument("--token-file", type=Path, default=Path("/run/secrets/hf_token"))
+    args = parser.parse_args(argv)
+    try:
+        if args.variant not in VARIANTS:
+            raise BakeError(2, f"unknown variant {args.variant!r}; choose one of {', '.join(VARIANTS)}")
+        bake(VARIANTS[args.variant], args.dest, args.model_revision, args.lora_revision, read_token(args.token_file))
+    except BakeError as err:
+        log.error("%s", err)
+        return err.code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

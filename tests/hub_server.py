@@ -1,0 +1,153 @@
+"""A small Hugging Face-compatible hub on loopback, for testing the bake script offline.
+
+It speaks the part of the hub API that huggingface_hub's `model_info` and `hf_hub_download` use:
+GET /api/models/{repo}/revision/{rev} (with sizes and LFS metadata), and HEAD/GET
+/{repo}/resolve/{rev}/{path} (with X-Repo-Commit, ETag, X-Linked-Size, Range).  Repos can
+require a token, and single files can be made to break off mid-download or report a false size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import json
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+
+@dataclass
+class Repo:
+    files: dict[str, bytes]
+    commit: str = "0123456789abcdef0123456789abcdef01234567"
+    token: str | None = None  # when set, requests need "Authorization: Bearer <token>"
+    break_off: set[str] = field(default_factory=set)  # paths whose download stops half-way
+    claimed_size: dict[str, int] = field(default_factory=dict)  # sizes to report instead of the real ones
+
+    @classmethod
+    def from_folder(cls, folder: Path, **kwargs: object) -> Repo:
+        files = {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+        return cls(files=files, **kwargs)  # type: ignore[arg-type]
+
+
+class Hub:
+    """Start with `with Hub(repos) as hub:`; `hub.url` is the HF_ENDPOINT to use."""
+
+    def __init__(self, repos: dict[str, Repo]) -> None:
+        self.repos = repos
+        self.requests: list[str] = []
+        hub = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self) -> None:  # noqa: N802
+                hub._serve(self, body=True)
+
+            def do_HEAD(self) -> None:  # noqa: N802
+                hub._serve(self, body=False)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def __enter__(self) -> Hub:
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def _serve(self, req: http.server.BaseHTTPRequestHandler, body: bool) -> None:
+        path = unquote(urlsplit(req.path).path)
+        self.requests.append(f"{req.command} {path}")
+        if path.startswith("/api/models/"):
+            repo_id, _, revision = path.removeprefix("/api/models/").partition("/revision/")
+            return self._info(req, repo_id, revision)
+        parts = path.lstrip("/").split("/")
+        if len(parts) >= 5 and parts[2] == "resolve":
+            return self._file(req, "/".join(parts[:2]), parts[3], "/".join(parts[4:]), body)
+        self._send(req, 404, b"not found", {"X-Error-Code": "EntryNotFound"})
+
+    def _repo(self, req: http.server.BaseHTTPRequestHandler, repo_id: str, revision: str) -> Repo | None:
+        repo = self.repos.get(repo_id)
+        if repo is None:
+            self._send(req, 401, b"Repository not found", {"X-Error-Code": "RepoNotFound"})
+            return None
+        if repo.token is not None:
+            auth = req.headers.get("Authorization", "")
+            if not auth:
+                self._send(req, 401, b"Access to this repo is restricted", {"X-Error-Code": "GatedRepo"})
+                return None
+            if auth != f"Bearer {repo.token}":
+                self._send(req, 403, b"Forbidden: token refused", {})
+                return None
+        if revision not in ("main", repo.commit):
+            self._send(req, 404, b"Revision not found", {"X-Error-Code": "RevisionNotFound"})
+            return None
+        return repo
+
+    def _info(self, req: http.server.BaseHTTPRequestHandler, repo_id: str, revision: str) -> None:
+        repo = self._repo(req, repo_id, revision)
+        if repo is None:
+            return
+        siblings = []
+        for name, data in sorted(repo.files.items()):
+            size = repo.claimed_size.get(name, len(data))
+            item: dict[str, object] = {"rfilename": name, "size": size}
+            if name.endswith(".safetensors"):
+                item["lfs"] = {"sha256": hashlib.sha256(data).hexdigest(), "size": size, "pointerSize": 134}
+            siblings.append(item)
+        info = {"id": repo_id, "modelId": repo_id, "sha": repo.commit, "private": False,
+                "gated": repo.token is not None and "manual", "disabled": False, "siblings": siblings,
+                "tags": [], "downloads": 0, "likes": 0, "lastModified": "2026-11-01T00:00:00.000Z"}
+        self._send(req, 200, json.dumps(info).encode(), {"Content-Type": "application/json"})
+
+    def _file(self, req: http.server.BaseHTTPRequestHandler, repo_id: str, revision: str, name: str,
+              body: bool) -> None:
+        repo = self._repo(req, repo_id, revision)
+        if repo is None:
+            return
+        if name not in repo.files:
+            self._send(req, 404, b"Entry not found", {"X-Error-Code": "EntryNotFound"})
+            return
+        data = repo.files[name]
+        etag = hashlib.sha256(data).hexdigest()
+        headers = {"X-Repo-Commit": repo.commit, "ETag": f'"{etag}"', "Accept-Ranges": "bytes"}
+        if name.endswith(".safetensors"):
+            headers.update({"X-Linked-Etag": f'"{etag}"', "X-Linked-Size": str(len(data))})
+        start = 0
+        ranged = req.headers.get("Range", "")
+        if ranged.startswith("bytes=") and body:
+            start = int(ranged[6:].split("-")[0] or 0)
+        if not body:
+            self._send(req, 200, b"", headers, length=len(data))
+            return
+        if name in repo.break_off:
+            req.send_response(200)
+            for key, value in headers.items():
+                req.send_header(key, value)
+            req.send_header("Content-Length", str(len(data)))
+            req.end_headers()
+            req.wfile.write(data[: len(data) // 2])
+            req.wfile.flush()
+            req.close_connection = True
+            return
+        if start:
+            headers["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
+        self._send(req, 206 if start else 200, data[start:], headers)
+
+    @staticmethod
+    def _send(req: http.server.BaseHTTPRequestHandler, status: int, payload: bytes, headers: dict[str, str],
+              length: int | None = None) -> None:
+        req.send_response(status)
+        for key, value in headers.items():
+            req.send_header(key, value)
+        req.send_header("Content-Length", str(len(payload) if length is None else length))
+        req.end_headers()
+        if payload:
+            req.wfile.write(payload)

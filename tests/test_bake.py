@@ -1,0 +1,147 @@
+"""The model bake script for real: a tiny model served by a loopback hub, baked with the real
+script (huggingface_hub over HTTP), then loaded offline by the worker; and every failure path."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import small_job
+from hub_server import Hub, Repo
+from qwen_edit_worker import tiny
+from qwen_edit_worker.variants import VARIANTS
+from qwen_edit_worker.worker import Worker
+
+ROOT = Path(__file__).resolve().parent.parent
+VARIANT = VARIANTS["edit-2511"]
+JUNK = {
+    "README.md": b"# model card",
+    "assets/example.png": b"\x89PNG not needed",
+    "transformer/diffusion_pytorch_model.bin": b"pickle weights: a duplicate format",
+    "transformer/diffusion_pytorch_model-00099-of-00099.safetensors": b"an unused shard",
+    "vae/diffusion_pytorch_model.fp16.safetensors": b"a variant not loaded",
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_repo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
+    import diffusers
+
+    folder = tmp_path_factory.mktemp("tiny-model")
+    pipe = getattr(diffusers, VARIANT.pipeline_class)(**tiny.build_components(VARIANT, tiny.base_scheduler()))
+    pipe.save_pretrained(folder, max_shard_size="400KB")
+    files = Repo.from_folder(folder).files
+    assert any(name.startswith("transformer/") and "-of-" in name for name in files)  # really sharded
+    return files | JUNK
+
+
+@pytest.fixture(scope="module")
+def lora_bytes(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    return tiny.write_lora(tmp_path_factory.mktemp("lora") / "l.safetensors").read_bytes()
+
+
+def repos(model: dict[str, bytes], lora: bytes, **model_options: object) -> dict[str, Repo]:
+    return {VARIANT.repo: Repo(files=dict(model), **model_options),  # type: ignore[arg-type]
+            VARIANT.lora_repo: Repo(files={VARIANT.lora_file: lora, "README.md": b"card"},
+                                    commit="fedcba9876543210fedcba9876543210fedcba98")}
+
+
+def bake(hub: Hub, dest: Path, *args: str, token: str | None = None) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING"))}
+    env.update({"HF_ENDPOINT": hub.url, "HF_HOME": str(dest.parent / "hf-home"), "HF_HUB_DISABLE_XET": "1"})
+    if token:
+        env["HF_TOKEN"] = token
+    return subprocess.run([sys.executable, str(ROOT / "builder" / "bake.py"), "--dest", str(dest),
+                           "--token-file", str(dest.parent / "no-secret"), *args],
+                          env=env, capture_output=True, text=True, timeout=300)
+
+
+def no_leftovers(dest: Path) -> bool:
+    return not dest.exists() or not any(p.name.startswith(".") or p.name == VARIANT.name for p in dest.iterdir())
+
+
+def test_bake_round_trip_then_worker_loads_it_offline(tmp_path: Path, tiny_repo: dict[str, bytes],
+                                                      lora_bytes: bytes) -> None:
+    dest = tmp_path / "models"
+    with Hub(repos(tiny_repo, lora_bytes)) as hub:
+        out = bake(hub, dest, "--variant", "edit-2511")
+    assert out.returncode == 0, out.stderr
+    folder = dest / "edit-2511"
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["model"] == {"repo": VARIANT.repo, "revision": "main",
+                                 "commit": "0123456789abcdef0123456789abcdef01234567"}
+    assert manifest["lora"]["commit"] == "fedcba9876543210fedcba9876543210fedcba98"
+    on_disk = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+    assert on_disk == sorted([f["path"] for f in manifest["files"]] + ["manifest.json"])
+    assert manifest["total_bytes"] == sum((folder / f["path"]).stat().st_size for f in manifest["files"])
+    for junk in JUNK:
+        assert not (folder / junk).exists(), junk
+    assert (folder / "lightning" / VARIANT.lora_basename).read_bytes() == lora_bytes
+    assert not any(p.name.startswith(".") for p in dest.iterdir())
+
+    worker = Worker({"MODEL_PATH": str(folder), "WARMUP": "0"})  # the hub is gone: loading is offline
+    result = worker.handle(small_job())
+    assert "error" not in result, result
+    assert result["model"]["source"] == str(folder)
+    assert result["model"]["manifest"] == {"model": f"{VARIANT.repo}@0123456789ab",
+                                           "lora": f"{VARIANT.lora_repo}@fedcba987654"}
+
+
+@pytest.mark.parametrize(("options", "token", "code", "message"), [
+    ({"token": "hf_right"}, None, 3, "needs a Hugging Face token; pass one as the BuildKit secret hf_token"),
+    ({"token": "hf_right"}, "hf_wrong", 3, "was refused with the token given"),
+    ({"claimed_size": {"transformer/config.json": 10**15}}, None, 4, "give the build more disk"),
+    ({"break_off": "the first transformer shard"}, None, 5, "failed or was interrupted"),
+])
+def test_bake_failures_leave_nothing(tmp_path: Path, tiny_repo: dict[str, bytes], lora_bytes: bytes,
+                                     options: dict[str, object], token: str | None, code: int, message: str) -> None:
+    dest = tmp_path / "models"
+    if "break_off" in options:
+        options = {"break_off": {min(p for p in tiny_repo if p.startswith("transformer/diffusion_pytorch_model-0"))}}
+    with Hub(repos(tiny_repo, lora_bytes, **options)) as hub:
+        out = bake(hub, dest, "--variant", "edit-2511", token=token)
+    assert out.returncode == code, out.stderr
+    assert message in out.stderr and "Traceback" not in out.stderr
+    assert no_leftovers(dest)
+    if token:
+        assert token not in out.stderr + out.stdout
+
+
+def test_bake_with_the_right_token(tmp_path: Path, tiny_repo: dict[str, bytes], lora_bytes: bytes) -> None:
+    with Hub(repos(tiny_repo, lora_bytes, token="hf_right")) as hub:
+        out = bake(hub, tmp_path / "models", "--variant", "edit-2511", token="hf_right")
+    assert out.returncode == 0, out.stderr
+    assert "hf_right" not in out.stderr + out.stdout
+
+
+def test_bad_variant_and_revision(tmp_path: Path, tiny_repo: dict[str, bytes], lora_bytes: bytes) -> None:
+    with Hub(repos(tiny_repo, lora_bytes)) as hub:
+        out = bake(hub, tmp_path / "models", "--variant", "edit-3000")
+        assert out.returncode == 2 and "unknown variant 'edit-3000'; choose one of edit, edit-2509" in out.stderr
+        out = bake(hub, tmp_path / "models", "--variant", "edit-2511", "--model-revision", "v9")
+        assert out.returncode == 2 and "has no revision 'v9'" in out.stderr
+
+
+def test_damaged_weights_fail_verification(tmp_path: Path, tiny_repo: dict[str, bytes], lora_bytes: bytes) -> None:
+    damaged = dict(tiny_repo)
+    name = max(p for p in tiny_repo if p.startswith("vae/diffusion_pytorch_model-0"))
+    damaged[name] = damaged[name][:-100]  # served whole, but shorter than its own header says
+    with Hub(repos(damaged, lora_bytes)) as hub:
+        out = bake(hub, tmp_path / "models", "--variant", "edit-2511")
+    assert out.returncode == 6 and f"{name}: size" in out.stderr and "truncated or damaged" in out.stderr
+    assert no_leftovers(tmp_path / "models")
+
+
+def test_a_file_that_is_not_a_lightning_lora_fails_verification(tmp_path: Path, tiny_repo: dict[str, bytes]) -> None:
+    from safetensors.torch import save_file
+    import torch
+
+    save_file({"model.weight": torch.zeros(2)}, str(tmp_path / "x.safetensors"))
+    with Hub(repos(tiny_repo, (tmp_path / "x.safetensors").read_bytes())) as hub:
+        out = bake(hub, tmp_path / "models", "--variant", "edit-2511")
+    assert out.returncode == 6 and "is not a transformer LoRA" in out.stderr
