@@ -10,9 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from hub_server import Hub, Repo
 
 from conftest import small_job
-from hub_server import Hub, Repo
 from qwen_edit_worker import tiny
 from qwen_edit_worker.variants import VARIANTS
 from qwen_edit_worker.worker import Worker
@@ -138,8 +138,8 @@ def test_damaged_weights_fail_verification(tmp_path: Path, tiny_repo: dict[str, 
 
 
 def test_a_file_that_is_not_a_lightning_lora_fails_verification(tmp_path: Path, tiny_repo: dict[str, bytes]) -> None:
-    from safetensors.torch import save_file
     import torch
+    from safetensors.torch import save_file
 
     save_file({"model.weight": torch.zeros(2)}, str(tmp_path / "x.safetensors"))
     with Hub(repos(tiny_repo, (tmp_path / "x.safetensors").read_bytes())) as hub:

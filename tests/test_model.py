@@ -133,6 +133,13 @@ class TestAttention:
         accel.apply_attention_backend(pipe.transformer, "native")
 
 
+class TestOffload:
+    @pytest.mark.parametrize("mode", ["model", "group"])
+    def test_offload_needs_cuda(self, mode: str) -> None:
+        error = Worker({"TINY_MODEL": "1", "WARMUP": "0", "OFFLOAD": mode}).handle(small_job())["error"]
+        assert error == f"OFFLOAD: {mode} offload moves weights to a CUDA GPU and there is none; use none"
+
+
 class TestMemorySaving:
     def test_on_applies_vae_slicing_and_tiling(self, worker_for: Callable[..., Worker]) -> None:
         worker = worker_for("edit-2511", MEMORY_SAVING="on")

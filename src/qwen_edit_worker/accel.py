@@ -70,6 +70,32 @@ def apply_attention_backend(transformer: Any, backend: str) -> None:
         raise ModelLoadError("ATTENTION_BACKEND", f"{backend} failed to start: {err}") from None
 
 
+def check_offload(offload: str, cuda: bool) -> None:
+    """OFFLOAD model and group move weights to a CUDA GPU: without one they are a load error."""
+    if offload != "none" and not cuda:
+        raise ModelLoadError("OFFLOAD", f"{offload} offload moves weights to a CUDA GPU and there is none; use none")
+
+
+def place(pipe: Any, offload: str, cuda: bool) -> None:
+    """Put the pipeline on its device: all of it (none), or under model or group offload.
+
+    Offload keeps weights in CPU memory and moves them to the GPU as they are needed, so a GPU
+    smaller than the model (57.7 GB in bf16) can run it, at the price of transfers every job.
+    """
+    check_offload(offload, cuda)
+    if offload == "none":
+        pipe.to("cuda" if cuda else "cpu")
+        return
+    import torch
+
+    if offload == "model":
+        pipe.enable_model_cpu_offload()
+    else:
+        pipe.enable_group_offload(onload_device=torch.device("cuda"), offload_device=torch.device("cpu"),
+                                  offload_type="leaf_level", use_stream=True)
+    log.info("offload: %s (weights stay in CPU memory between uses)", offload)
+
+
 def memory_saving_enabled(setting: str, gpu_total_bytes: int | None) -> bool:
     """MEMORY_SAVING: on/off as given; auto is on for a GPU under 48 GB, off otherwise (CPU too)."""
     if setting == "auto":

@@ -47,6 +47,7 @@ class LoadedModel:
             "steps": steps,
             "attention_backend": self.attention_backend,
             "memory_saving": list(self.memory_saving),
+            "offload": self.settings.offload,
             "dtype": self.dtype,
             "device": self.device,
             "source": self.source,
@@ -68,14 +69,21 @@ def load_model(settings: Settings) -> LoadedModel:
     if source is not None:
         log.info("model source: %s %s%s", source.kind, source.path,
                  f" ({source.model}; LoRA {source.lora or 'from LORA_PATH'})" if source.model else "")
+    accel.check_offload(settings.offload, cuda)  # fail before reading 58 GB of weights
     pipe = _build_pipeline(settings, source, dtype)
-    pipe.to(device)
+    if settings.offload == "none":
+        accel.place(pipe, "none", cuda)
+    elif cuda:
+        pipe.transformer.to(device)  # fuse the LoRA on the GPU; offload takes the weights back after
     lora_layers = 0
     if settings.lightning:
         pipe.scheduler = lightning.lightning_scheduler(pipe.scheduler)
         lora_path, setting = _lora_path(settings, source)
         lora_layers = lightning.fuse_lightning(pipe, lora_path, setting)
     accel.apply_attention_backend(pipe.transformer, backend)
+    if settings.offload != "none":
+        pipe.transformer.to("cpu")
+        accel.place(pipe, settings.offload, cuda)
 
     gpu_name = torch.cuda.get_device_name(0) if cuda else None
     gpu_bytes = torch.cuda.get_device_properties(0).total_memory if cuda else None

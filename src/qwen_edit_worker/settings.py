@@ -18,6 +18,7 @@ from .variants import DEFAULT_VARIANT, VARIANTS, Variant
 
 ATTENTION_BACKENDS = ("auto", "xformers", "flash", "native")
 MEMORY_SAVING_MODES = ("auto", "on", "off")
+OFFLOAD_MODES = ("none", "model", "group")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
@@ -32,6 +33,7 @@ SETTINGS: dict[str, tuple[str, str]] = {
     "TINY_MODEL": ("0", "1: tiny random-weight model built in code (tests, demos; output is noise)"),
     "ATTENTION_BACKEND": ("auto", "auto | xformers | flash | native"),
     "MEMORY_SAVING": ("auto", "auto | on | off (auto: on for GPUs under 48 GB)"),
+    "OFFLOAD": ("none", "none | model | group: keep weights in CPU memory, move them to the GPU as needed"),
     "WARMUP": ("1", "1: start loading the model in the background at worker start"),
     "GPU_PRICE_PER_SECOND": ("", "USD per second for cost reports; empty: RunPod's price table"),
     "MAX_INPUT_BYTES": ("20000000", "largest accepted input image, in bytes"),
@@ -51,6 +53,7 @@ class Settings:
     tiny_model: bool
     attention_backend: str
     memory_saving: str
+    offload: str
     warmup: bool
     gpu_price_per_second: float | None
     max_input_bytes: int
@@ -79,6 +82,7 @@ class Settings:
             tiny_model=_flag("TINY_MODEL", raw("TINY_MODEL")),
             attention_backend=_choice("ATTENTION_BACKEND", raw("ATTENTION_BACKEND").lower(), ATTENTION_BACKENDS),
             memory_saving=_choice("MEMORY_SAVING", raw("MEMORY_SAVING").lower(), MEMORY_SAVING_MODES),
+            offload=_choice("OFFLOAD", raw("OFFLOAD").lower(), OFFLOAD_MODES),
             warmup=_flag("WARMUP", raw("WARMUP")),
             gpu_price_per_second=_price(raw("GPU_PRICE_PER_SECOND")),
             max_input_bytes=_positive_int("MAX_INPUT_BYTES", raw("MAX_INPUT_BYTES")),
