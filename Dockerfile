@@ -1,0 +1,59 @@
+# syntax=docker/dockerfile:1.7
+# Qwen-Image-Edit + Lightning LoRA as a RunPod serverless worker, with the model baked in.
+#
+#   docker build --platform linux/amd64 --build-arg MODEL_VARIANT=edit-2511 \
+#     --secret id=hf_token,env=HF_TOKEN -t <you>/qwen-image-edit:2511 .
+#
+# Layers, slowest-changing first: system Python, pinned libraries, the baked model (tens of GB),
+# then the worker code, so a code change never re-downloads the weights.
+ARG CUDA_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
+FROM ${CUDA_IMAGE}
+
+ARG MODEL_VARIANT=edit-2511
+ARG MODEL_REVISION=main
+ARG LORA_REVISION=main
+# PyPI's torch 2.14.1 is built for CUDA 13; this index has the CUDA 12.8 build of the same release.
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
+
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+ENV DEBIAN_FRONTEND=noninteractive \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PYTHONUNBUFFERED=1 \
+    VIRTUAL_ENV=/opt/venv \
+    PATH=/opt/venv/bin:$PATH
+
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \
+    && rm -rf /var/lib/apt/lists/* \
+    && python3 -m venv /opt/venv
+
+COPY builder/requirements.txt /builder/requirements.txt
+RUN pip install --extra-index-url "${TORCH_INDEX_URL}" -r /builder/requirements.txt \
+    && python -c "import sys, torch; cuda = torch.version.cuda or 'none'; sys.exit(0 if cuda.startswith('12.') else 'torch is built for CUDA ' + cuda + ', not 12.x: check TORCH_INDEX_URL')"
+
+COPY builder/bake.py /builder/bake.py
+COPY src/qwen_edit_worker/variants.py /builder/variants.py
+RUN --mount=type=secret,id=hf_token,required=false \
+    python /builder/bake.py --variant "${MODEL_VARIANT}" --model-revision "${MODEL_REVISION}" \
+        --lora-revision "${LORA_REVISION}" --dest /models
+
+ENV MODEL_VARIANT=${MODEL_VARIANT} \
+    HF_HUB_OFFLINE=1 \
+    TRANSFORMERS_OFFLINE=1 \
+    HF_HUB_DISABLE_TELEMETRY=1 \
+    LIGHTNING=1 \
+    ATTENTION_BACKEND=auto \
+    MEMORY_SAVING=auto \
+    OFFLOAD=none \
+    WARMUP=1 \
+    LOG_LEVEL=INFO
+
+WORKDIR /app
+COPY pyproject.toml README.md handler.py test_input.json ./
+COPY builder/requirements.txt builder/requirements.txt
+COPY src/ src/
+RUN pip install --no-deps .
+
+CMD ["python", "-u", "handler.py"]

