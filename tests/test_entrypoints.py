@@ -4,8 +4,6 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import requests
+from api_server import serve_api, worker_env
 
 from conftest import small_job
 
@@ -21,21 +20,15 @@ ROOT = Path(__file__).resolve().parent.parent
 HANDLER = ROOT / "handler.py"
 
 
-def env(**extra: str) -> dict[str, str]:
-    base = {k: v for k, v in os.environ.items() if not k.startswith("RUNPOD_")}
-    base.update({"TINY_MODEL": "1", "PYTHONUNBUFFERED": "1"}, **extra)
-    return base
-
-
 def run(args: list[str], cwd: Path, timeout: int = 180) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, str(HANDLER), *args], cwd=cwd, env=env(), capture_output=True,
+    return subprocess.run([sys.executable, str(HANDLER), *args], cwd=cwd, env=worker_env(), capture_output=True,
                           text=True, timeout=timeout)
 
 
 def test_import_loads_no_model() -> None:
     code = ("import sys, handler; assert handler._worker is None; "
             "print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env(), capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=worker_env(), capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
@@ -64,34 +57,10 @@ def test_test_input_flag_and_failure_exit_code(tmp_path: Path) -> None:
     assert "Traceback" not in bad.stderr
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    port = free_port()
-    log_path = tmp_path_factory.mktemp("api") / "server.log"
-    with open(log_path, "w") as log:
-        server = subprocess.Popen(
-            [sys.executable, str(HANDLER), "--rp_serve_api", "--rp_api_port", str(port), "--rp_api_host", "127.0.0.1"],
-            cwd=ROOT, env=env(), stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                requests.get(f"{base}/docs", timeout=1)
-                break
-            except requests.ConnectionError:
-                assert server.poll() is None, log_path.read_text()[-3000:]
-                time.sleep(0.3)
-        yield base
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
+    with serve_api(tmp_path_factory.mktemp("api")) as server:
+        yield server.url
 
 
 def test_http_runsync(api: str) -> None:

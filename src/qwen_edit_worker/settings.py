@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from .errors import SettingsError
@@ -38,6 +38,12 @@ SETTINGS: dict[str, tuple[str, str]] = {
     "GPU_PRICE_PER_SECOND": ("", "USD per second for cost reports; empty: RunPod's price table"),
     "MAX_INPUT_BYTES": ("20000000", "largest accepted input image, in bytes"),
     "MAX_INPUT_PIXELS": ("40000000", "largest accepted input image, in pixels"),
+    "MAX_RESPONSE_BYTES": ("20000000", "largest base64 response; RunPod refuses results over 20 MB"),
+    "ALLOW_LOOPBACK_URLS": ("0", "test aid: 1 lets input URLs point at 127.0.0.1; keep 0 in production"),
+    "BUCKET_ENDPOINT_URL": ("", "S3-compatible endpoint; with the keys, outputs are uploaded and returned as URLs"),
+    "BUCKET_ACCESS_KEY_ID": ("", "the bucket's access key id"),
+    "BUCKET_SECRET_ACCESS_KEY": ("", "the bucket's secret key (never logged)"),
+    "BUCKET_NAME": ("", "bucket to upload to; empty: RunPod's default, named by month (MM-YY)"),
     "LOG_LEVEL": ("INFO", "DEBUG | INFO | WARNING | ERROR"),
 }
 
@@ -58,6 +64,12 @@ class Settings:
     gpu_price_per_second: float | None
     max_input_bytes: int
     max_input_pixels: int
+    max_response_bytes: int
+    allow_loopback_urls: bool
+    bucket_endpoint_url: str
+    bucket_access_key_id: str
+    bucket_secret_access_key: str = field(repr=False)
+    bucket_name: str
     log_level: str
 
     @classmethod
@@ -74,6 +86,10 @@ class Settings:
             raise SettingsError("MODEL_VARIANT", f"must be one of {', '.join(VARIANTS)} (got {variant_name!r})")
         model_path = Path(raw("MODEL_PATH") or f"/models/{variant_name}")
         lora = raw("LORA_PATH")
+        bucket = [raw(n) for n in ("BUCKET_ENDPOINT_URL", "BUCKET_ACCESS_KEY_ID", "BUCKET_SECRET_ACCESS_KEY")]
+        if any(bucket) and not all(bucket):
+            raise SettingsError("BUCKET_ENDPOINT_URL", "BUCKET_ENDPOINT_URL, BUCKET_ACCESS_KEY_ID and "
+                                "BUCKET_SECRET_ACCESS_KEY go together: set all three or none")
         return cls(
             variant=VARIANTS[variant_name],
             model_path=model_path,
@@ -87,13 +103,26 @@ class Settings:
             gpu_price_per_second=_price(raw("GPU_PRICE_PER_SECOND")),
             max_input_bytes=_positive_int("MAX_INPUT_BYTES", raw("MAX_INPUT_BYTES")),
             max_input_pixels=_positive_int("MAX_INPUT_PIXELS", raw("MAX_INPUT_PIXELS")),
+            max_response_bytes=_positive_int("MAX_RESPONSE_BYTES", raw("MAX_RESPONSE_BYTES")),
+            allow_loopback_urls=_flag("ALLOW_LOOPBACK_URLS", raw("ALLOW_LOOPBACK_URLS")),
+            bucket_endpoint_url=_url("BUCKET_ENDPOINT_URL", raw("BUCKET_ENDPOINT_URL")),
+            bucket_access_key_id=raw("BUCKET_ACCESS_KEY_ID"),
+            bucket_secret_access_key=raw("BUCKET_SECRET_ACCESS_KEY"),
+            bucket_name=raw("BUCKET_NAME"),
             log_level=_choice("LOG_LEVEL", raw("LOG_LEVEL").upper(), LOG_LEVELS),
         )
 
+    @property
+    def bucket_configured(self) -> bool:
+        return bool(self.bucket_endpoint_url and self.bucket_access_key_id and self.bucket_secret_access_key)
+
     def summary(self) -> dict[str, object]:
-        """The settings as plain values, for the startup log (no secrets live here)."""
+        """The settings as plain values for the startup log, keys and secrets left out."""
         out: dict[str, object] = {}
         for f in fields(self):
+            if f.name.startswith("bucket_") and f.name not in ("bucket_endpoint_url", "bucket_name"):
+                out[f.name] = "(set)" if getattr(self, f.name) else "(empty)"
+                continue
             value = getattr(self, f.name)
             out[f.name] = value.name if isinstance(value, Variant) else str(value) if isinstance(value, Path) else value
         return out
@@ -126,6 +155,12 @@ def _price(value: str) -> float | None:
             "GPU_PRICE_PER_SECOND", f"must be a price in USD per second, above 0 and below 1 (got {value!r})"
         )
     return price
+
+
+def _url(name: str, value: str) -> str:
+    if value and not value.lower().startswith(("http://", "https://")):
+        raise SettingsError(name, f"must be an http(s) URL (got {value[:60]!r})")
+    return value
 
 
 def _positive_int(name: str, value: str) -> int:

@@ -15,7 +15,7 @@ import secrets
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from . import images_in, images_out, sizing
+from . import images_in, images_out, sizing, uploads
 from .cost import job_cost
 from .errors import SettingsError, WorkerError
 from .lazy import LazyLoad
@@ -41,6 +41,9 @@ class Worker:
             log.error("bad setting, every job will fail until it is fixed: %s", err)
             self.settings_error = err
         self.model: LazyLoad[Any] = LazyLoad(self._load)
+        s = self.settings
+        self.bucket = uploads.Bucket(s.bucket_endpoint_url, s.bucket_access_key_id, s.bucket_secret_access_key,
+                                     s.bucket_name) if s is not None and s.bucket_configured else None
 
     def start(self) -> None:
         """Start loading in the background when WARMUP is on (the default)."""
@@ -78,7 +81,9 @@ class Worker:
         clock = StageClock()
         defaults = ModelDefaults.for_model(settings.variant, settings.lightning)
         request = parse_request(job.get("input"), settings.variant, defaults)
-        limits = images_in.InputLimits(settings.max_input_bytes, settings.max_input_pixels)
+        bucket = uploads.job_bucket(job, self.bucket)
+        limits = images_in.InputLimits(settings.max_input_bytes, settings.max_input_pixels,
+                                       settings.allow_loopback_urls)
         with clock.stage("inputs"):
             pictures = [images_in.load_image(source, field, limits) for source, field in request.sources()]
 
@@ -98,12 +103,7 @@ class Worker:
             clock=clock, on_step=on_step,
         )
         with clock.stage("outputs"):
-            images = []
-            for picture_pixels, image_seed in zip(pixels, seeds, strict=True):
-                encoded = images_out.encode(images_out.to_pil(picture_pixels), request.output_format,
-                                            request.output_quality)
-                images.append({"image": encoded.base64(), "type": "base64", "format": encoded.format,
-                               "width": encoded.width, "height": encoded.height, "seed": image_seed})
+            images = self._outputs(job_id, pixels, seeds, request, bucket)
         model = editor.model
         timing = timing_report(clock, cold_start=cold, load_seconds=waited, steps=request.num_inference_steps)
         cost = job_cost(clock.elapsed(), len(images), model.gpu_name, settings.gpu_price_per_second)
@@ -116,6 +116,31 @@ class Worker:
         )
         return {"images": images, "seed": seed, "timing": timing, "cost": cost,
                 "model": model.info(request.num_inference_steps), "warnings": warnings}
+
+    def _outputs(self, job_id: str, pixels: Any, seeds: list[int], request: EditRequest,
+                 bucket: uploads.Bucket | None) -> list[dict[str, Any]]:
+        """Encode each picture, then upload it (URL out) or inline it as base64 (size-checked)."""
+        images = []
+        for index, (picture_pixels, image_seed) in enumerate(zip(pixels, seeds, strict=True)):
+            encoded = images_out.encode(images_out.to_pil(picture_pixels), request.output_format,
+                                        request.output_quality)
+            if bucket is not None:
+                key = f"{_safe_key(job_id)}/{index}-{image_seed}.{encoded.format}"
+                data, kind = uploads.upload(bucket, key, encoded.data, encoded.format), "url"
+            else:
+                data, kind = encoded.base64(), "base64"
+            images.append({"image": data, "type": kind, "format": encoded.format, "width": encoded.width,
+                           "height": encoded.height, "seed": image_seed})
+        if bucket is None:
+            size = sum(len(item["image"]) for item in images) + 4096  # base64 plus the rest of the JSON
+            limit = self.settings.max_response_bytes if self.settings else size
+            if size > limit:
+                raise WorkerError("output", (
+                    f"the response would be {size / 1e6:.1f} MB, over the {limit / 1e6:g} MB limit "
+                    "(RunPod refuses larger results; MAX_RESPONSE_BYTES): ask for output_format jpeg or webp, "
+                    "fewer num_images or a smaller megapixels, or configure a bucket (BUCKET_ENDPOINT_URL and "
+                    "keys, or the job's s3Config) to get URLs instead"))
+        return images
 
     def _out_of_memory(self, job_id: str) -> dict[str, Any]:
         import gc
@@ -131,6 +156,10 @@ class Worker:
                      "input.num_images; this worker will be replaced after this job",
             "refresh_worker": True,
         }
+
+
+def _safe_key(job_id: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in job_id)[:120] or "job"
 
 
 def _plan(request: EditRequest, last_input: tuple[int, int], lightning: bool) -> tuple[tuple[int, int], list[str]]:
