@@ -185,6 +185,23 @@ class TestLoading:
         assert worker.model.get()[0].model.lora_layers == len(tiny.LORA_MODULES) * tiny.NUM_LAYERS
 
 
+def test_damaged_weights_name_the_folder(tmp_path: Path) -> None:
+    import diffusers
+
+    from qwen_edit_worker import tiny
+    from qwen_edit_worker.variants import VARIANTS as TABLE
+
+    variant = TABLE["edit"]
+    pipe = getattr(diffusers, variant.pipeline_class)(**tiny.build_components(variant, tiny.base_scheduler()))
+    pipe.save_pretrained(tmp_path)
+    weights = tmp_path / "transformer" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    worker = Worker({"MODEL_PATH": str(tmp_path), "MODEL_VARIANT": "edit", "WARMUP": "0"})
+    for _ in range(2):
+        error = worker.handle(small_job())["error"]
+        assert error.startswith(f"MODEL_PATH: cannot load the pipeline from {tmp_path}: ")
+
+
 class TestFailures:
     def _inject(self, worker: Worker, error: BaseException) -> Any:
         transformer = worker.model.get()[0].model.pipe.transformer
