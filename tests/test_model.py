@@ -24,6 +24,12 @@ def loaded(worker: Worker):  # the LoadedModel behind a worker
     return worker.model.get()[0].model
 
 
+def decode(out: dict) -> np.ndarray:
+    from conftest import decode_output_image
+
+    return decode_output_image(out["images"][0])
+
+
 def tiny_pipe(variant: str = "edit-2511"):
     import diffusers
 
@@ -138,6 +144,34 @@ class TestOffload:
     def test_offload_needs_cuda(self, mode: str) -> None:
         error = Worker({"TINY_MODEL": "1", "WARMUP": "0", "OFFLOAD": mode}).handle(small_job())["error"]
         assert error == f"OFFLOAD: {mode} offload moves weights to a CUDA GPU and there is none; use none"
+
+
+class TestPrecisionAndCompile:
+    def test_fp8_needs_a_float8_gpu(self) -> None:
+        from qwen_edit_worker import speedups
+
+        error = Worker({"TINY_MODEL": "1", "WARMUP": "0", "PRECISION": "fp8"}).handle(small_job())["error"]
+        assert error == "PRECISION: fp8 needs a CUDA GPU with float8 units (Ada or Hopper); use bf16"
+        with pytest.raises(ModelLoadError, match="compute capability 8.9 or newer .* this GPU is 8.0"):
+            speedups.check_precision("fp8", True, (8, 0))  # an A100
+        speedups.check_precision("fp8", True, (9, 0))  # an H100 passes the check
+
+    def test_regional_compile_is_warmed_at_load_and_matches_eager(self, worker_for: Callable[..., Worker]) -> None:
+        from torch._dynamo.utils import counters
+
+        eager = worker_for("edit-2511").handle(small_job(seed=3))
+        graphs_before_load = counters["stats"]["unique_graphs"]
+        worker = Worker({"TINY_MODEL": "1", "WARMUP": "0", "COMPILE": "regional"})
+        worker.model.get()  # loading compiles and warms up at the tiny warm-up size (64x64)
+        blocks = loaded(worker).pipe.transformer.transformer_blocks
+        assert all(getattr(block, "_compiled_call_impl", None) is not None for block in blocks)
+        graphs_after_load = counters["stats"]["unique_graphs"]
+        assert graphs_after_load > graphs_before_load
+        out = worker.handle(small_job(seed=3))  # 64x64, the warmed size
+        assert counters["stats"]["unique_graphs"] == graphs_after_load  # the job compiled nothing
+        assert out["model"]["compile"] == "regional"
+        diff = np.abs(decode(out).astype(int) - decode(eager).astype(int)).max()
+        assert diff <= 2  # same function, compiled
 
 
 class TestMemorySaving:

@@ -35,7 +35,8 @@ class TestEdits:
         assert decode_output_image(item).shape == (64, 64, 3)
         assert out["seed"] == 11 and out["warnings"] == []
         assert out["model"] == {"variant": variant, "lightning": True, "steps": 3, "attention_backend": "native",
-                                "memory_saving": [], "offload": "none", "dtype": "float32", "device": "cpu",
+                                "memory_saving": [], "offload": "none", "precision": "bf16", "compile": "off",
+                                "dtype": "float32", "device": "cpu",
                                 "source": "tiny", "manifest": None}
 
     @pytest.mark.parametrize("variant", ["edit-2509", "edit-2511"])

@@ -85,6 +85,17 @@ class Editor:
             pixels = (output.images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
             return pixels.cpu().numpy()
 
+    def warm_up(self, size: tuple[int, int]) -> None:
+        """Throw-away single-step edits at `size` that compile what COMPILE=regional marked.
+
+        Two prompts of different lengths: the first compiles for one text length, the second makes
+        torch.compile mark the text length dynamic, so later prompts of any length reuse the graph.
+        """
+        grey = Image.new("RGB", size, (128, 128, 128))
+        for prompt in ("warm up", "warm up the compiled transformer blocks with a longer prompt, " * 3):
+            self.edit([grey], prompt=prompt, negative_prompt="", true_cfg_scale=1.0, steps=1, size=size, seeds=[0],
+                      clock=StageClock(self.sync))
+
     @contextmanager
     def _bound(self, clock: StageClock) -> Iterator[None]:
         self._clock = clock

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import accel, lightning, sources
+from . import accel, lightning, sources, speedups
 from .errors import ModelLoadError
 from .settings import Settings
 
@@ -48,6 +48,8 @@ class LoadedModel:
             "attention_backend": self.attention_backend,
             "memory_saving": list(self.memory_saving),
             "offload": self.settings.offload,
+            "precision": self.settings.precision,
+            "compile": self.settings.compile,
             "dtype": self.dtype,
             "device": self.device,
             "source": self.source,
@@ -70,6 +72,7 @@ def load_model(settings: Settings) -> LoadedModel:
         log.info("model source: %s %s%s", source.kind, source.path,
                  f" ({source.model}; LoRA {source.lora or 'from LORA_PATH'})" if source.model else "")
     accel.check_offload(settings.offload, cuda)  # fail before reading 58 GB of weights
+    speedups.check_precision(settings.precision, cuda, torch.cuda.get_device_capability(0) if cuda else None)
     pipe = _build_pipeline(settings, source, dtype)
     if settings.offload == "none":
         accel.place(pipe, "none", cuda)
@@ -80,7 +83,11 @@ def load_model(settings: Settings) -> LoadedModel:
         pipe.scheduler = lightning.lightning_scheduler(pipe.scheduler)
         lora_path, setting = _lora_path(settings, source)
         lora_layers = lightning.fuse_lightning(pipe, lora_path, setting)
+    if settings.precision == "fp8":
+        speedups.quantize_fp8(pipe.transformer)  # after the fuse: never a bf16 LoRA over fp8 weights
     accel.apply_attention_backend(pipe.transformer, backend)
+    if settings.compile == "regional":
+        speedups.compile_regional(pipe.transformer)
     if settings.offload != "none":
         pipe.transformer.to("cpu")
         accel.place(pipe, settings.offload, cuda)
@@ -96,10 +103,10 @@ def load_model(settings: Settings) -> LoadedModel:
     )
     model.load_seconds = time.perf_counter() - started
     log.info(
-        "model ready in %.1f s: variant=%s from %s device=%s%s dtype=%s lightning=%s (%d LoRA layers) "
-        "attention=%s memory_saving=%s", model.load_seconds, settings.variant.name, model.source, device,
-        f" ({gpu_name})" if gpu_name else "", model.dtype, settings.lightning, lora_layers, backend,
-        ",".join(saving) or "off",
+        "model ready in %.1f s: variant=%s from %s device=%s%s dtype=%s precision=%s lightning=%s (%d LoRA "
+        "layers) attention=%s memory_saving=%s offload=%s compile=%s", model.load_seconds, settings.variant.name,
+        model.source, device, f" ({gpu_name})" if gpu_name else "", model.dtype, settings.precision,
+        settings.lightning, lora_layers, backend, ",".join(saving) or "off", settings.offload, settings.compile,
     )
     return model
 

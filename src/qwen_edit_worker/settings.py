@@ -19,6 +19,8 @@ from .variants import DEFAULT_VARIANT, VARIANTS, Variant
 ATTENTION_BACKENDS = ("auto", "xformers", "flash", "native")
 MEMORY_SAVING_MODES = ("auto", "on", "off")
 OFFLOAD_MODES = ("none", "model", "group")
+PRECISIONS = ("bf16", "fp8")
+COMPILE_MODES = ("off", "regional")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
@@ -33,6 +35,8 @@ SETTINGS: dict[str, tuple[str, str]] = {
     "TINY_MODEL": ("0", "1: tiny random-weight model built in code (tests, demos; output is noise)"),
     "ATTENTION_BACKEND": ("auto", "auto | xformers | flash | native"),
     "MEMORY_SAVING": ("auto", "auto | on | off (auto: on for GPUs under 48 GB)"),
+    "PRECISION": ("bf16", "bf16 | fp8: fp8 quantises the transformer (torchao) after the LoRA is fused"),
+    "COMPILE": ("off", "off | regional: compile the repeated transformer block at load (torch.compile)"),
     "OFFLOAD": ("none", "none | model | group: keep weights in CPU memory, move them to the GPU as needed"),
     "WARMUP": ("1", "1: start loading the model in the background at worker start"),
     "GPU_PRICE_PER_SECOND": ("", "USD per second for cost reports; empty: RunPod's price table"),
@@ -59,6 +63,8 @@ class Settings:
     tiny_model: bool
     attention_backend: str
     memory_saving: str
+    precision: str
+    compile: str
     offload: str
     warmup: bool
     gpu_price_per_second: float | None
@@ -98,6 +104,8 @@ class Settings:
             tiny_model=_flag("TINY_MODEL", raw("TINY_MODEL")),
             attention_backend=_choice("ATTENTION_BACKEND", raw("ATTENTION_BACKEND").lower(), ATTENTION_BACKENDS),
             memory_saving=_choice("MEMORY_SAVING", raw("MEMORY_SAVING").lower(), MEMORY_SAVING_MODES),
+            precision=_choice("PRECISION", raw("PRECISION").lower(), PRECISIONS),
+            compile=_choice("COMPILE", raw("COMPILE").lower(), COMPILE_MODES),
             offload=_choice("OFFLOAD", raw("OFFLOAD").lower(), OFFLOAD_MODES),
             warmup=_flag("WARMUP", raw("WARMUP")),
             gpu_price_per_second=_price(raw("GPU_PRICE_PER_SECOND")),

@@ -25,6 +25,8 @@ from .timing import StageClock, timing_report
 
 log = logging.getLogger(__name__)
 Progress = Callable[[dict[str, Any], Any], None]
+WARM_UP_SIZE = (1024, 1024)  # the default 1 MP square; other sizes compile on first use
+WARM_UP_SIZE_TINY = (64, 64)
 LIGHTNING_MAX_STEPS = 4  # the LoRA is distilled for 4 steps; 3 is this worker's default
 
 
@@ -55,9 +57,14 @@ class Worker:
     def _load(self) -> Any:
         from .engine import Editor
         from .loader import load_model
+        from .speedups import warm_up
 
         assert self.settings is not None
-        return Editor(load_model(self.settings))
+        editor = Editor(load_model(self.settings))
+        if self.settings.compile == "regional":  # compile now, so no job pays for it
+            size = WARM_UP_SIZE_TINY if self.settings.tiny_model else WARM_UP_SIZE
+            editor.model.load_seconds += warm_up(editor.warm_up, size)
+        return editor
 
     def handle(self, job: Mapping[str, Any]) -> dict[str, Any]:
         """The RunPod handler: a job in, the output (or `error`) out."""
