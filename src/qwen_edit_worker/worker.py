@@ -92,7 +92,8 @@ class Worker:
         limits = images_in.InputLimits(settings.max_input_bytes, settings.max_input_pixels,
                                        settings.allow_loopback_urls)
         with clock.stage("inputs"):
-            pictures = [images_in.load_image(source, field, limits) for source, field in request.sources()]
+            area = request.size[0] * request.size[1] if request.size else int(request.megapixels * sizing.MEGAPIXEL)
+            pictures = [images_in.load_image(source, field, limits, area) for source, field in request.sources()]
 
         editor, cold, waited = self.model.get()
         clock.set_sync(editor.sync)
@@ -129,8 +130,7 @@ class Worker:
         """Encode each picture, then upload it (URL out) or inline it as base64 (size-checked)."""
         images = []
         for index, (picture_pixels, image_seed) in enumerate(zip(pixels, seeds, strict=True)):
-            encoded = images_out.encode(images_out.to_pil(picture_pixels), request.output_format,
-                                        request.output_quality)
+            encoded = images_out.encode(picture_pixels, request.output_format, request.output_quality)
             if bucket is not None:
                 key = f"{_safe_key(job_id)}/{index}-{image_seed}.{encoded.format}"
                 data, kind = uploads.upload(bucket, key, encoded.data, encoded.format), "url"
