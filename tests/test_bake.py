@@ -10,9 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from hub_server import Hub, Repo
 
 from conftest import small_job
+from hub_server import Hub, Repo
 from qwen_edit_worker import tiny
 from qwen_edit_worker.variants import VARIANTS
 from qwen_edit_worker.worker import Worker

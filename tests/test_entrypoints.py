@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 import requests
-from api_server import serve_api, worker_env
 
+from api_server import serve_api, worker_env
 from conftest import small_job
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -18,9 +18,9 @@ import numpy as np
 import psutil
 import pytest
 import requests
-from api_server import serve_api
 from PIL import Image
 
+from api_server import serve_api
 from conftest import small_job
 
 CLIENTS = 4

@@ -73,7 +73,8 @@ def load_model(settings: Settings) -> LoadedModel:
                  f" ({source.model}; LoRA {source.lora or 'from LORA_PATH'})" if source.model else "")
     accel.check_offload(settings.offload, cuda)  # fail before reading 58 GB of weights
     speedups.check_precision(settings.precision, cuda, torch.cuda.get_device_capability(0) if cuda else None)
-    pipe = _build_pipeline(settings, source, dtype)
+    # Without offload, weights are read straight onto the device (no CPU copy, no second transfer).
+    pipe = _build_pipeline(settings, source, dtype, device if settings.offload == "none" else None)
     if settings.offload == "none":
         accel.place(pipe, "none", cuda)
     elif cuda:
@@ -111,7 +112,8 @@ def load_model(settings: Settings) -> LoadedModel:
     return model
 
 
-def _build_pipeline(settings: Settings, source: sources.ModelSource | None, dtype: Any) -> Any:
+def _build_pipeline(settings: Settings, source: sources.ModelSource | None, dtype: Any, device_map: str | None
+                    ) -> Any:
     import diffusers
 
     pipeline_class = getattr(diffusers, settings.variant.pipeline_class)
@@ -127,7 +129,7 @@ def _build_pipeline(settings: Settings, source: sources.ModelSource | None, dtyp
         reason = "does not exist" if not path.exists() else "has no model_index.json (not a diffusers pipeline folder)"
         raise ModelLoadError("MODEL_PATH", f"{path} {reason}; bake the model into the image or point MODEL_PATH at it")
     try:
-        pipe = pipeline_class.from_pretrained(str(path), dtype=dtype, local_files_only=True)
+        pipe = pipeline_class.from_pretrained(str(path), dtype=dtype, local_files_only=True, device_map=device_map)
     except (OSError, ValueError, KeyError, RuntimeError, TypeError) as err:
         raise ModelLoadError("MODEL_PATH", f"cannot load the pipeline from {path}: {err}") from None
     return pipe

@@ -1,0 +1,61 @@
+"""The bench/ scripts run and print what they promise (their quick modes; figures are not asserted)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+
+def run(script: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, str(BENCH / script), *args], cwd=BENCH, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.mark.parametrize("script", ["overhead", "tiny", "gpu", "coldstart"])
+def test_help(script: str) -> None:
+    out = run(script, "--help")
+    assert out.returncode == 0 and "--json" in out.stdout
+
+
+def test_gpu_dry_run_flop_table_matches_the_facts() -> None:
+    out = run("gpu", "--dry-run", "--json")
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout)
+    rows = {(r["variant"], r["megapixels"]): r for r in result["rows"]}
+    assert rows[("edit-2511", 1.0)]["tflop_per_pass"] == pytest.approx(167, rel=0.02)  # facts.md section 6
+    assert rows[("edit", 1.0)]["tflop_per_pass"] == pytest.approx(199, rel=0.02)
+    assert rows[("edit-2511", 1.0)]["h100_bf16_floor_ms_3_steps"] == pytest.approx(510, rel=0.02)
+    params = result["parameters (billions)"]
+    assert params["transformer"] == pytest.approx(20.43, abs=0.01)
+    assert params["text_encoder"] == pytest.approx(8.29, abs=0.01)
+    assert params["vae"] == pytest.approx(0.127, abs=0.001)
+
+
+def test_gpu_timing_path_on_the_tiny_model() -> None:
+    out = run("gpu", "--tiny", "--json", "--compile", "off", "--precision", "bf16,fp8", "--backends", "native")
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = json.loads(out.stdout)["rows"]
+    timed = [r for r in rows if r.get("backend") == "native"]
+    assert timed and len(timed[0]["step_ms"].split("/")) == 3 and timed[0]["total_ms"] > 0
+    assert any("PRECISION: fp8 needs a CUDA GPU" in r.get("note", "") for r in rows)
+
+
+def test_overhead() -> None:
+    out = run("overhead", "--json", "--repeat", "2")
+    assert out.returncode == 0, out.stderr[-2000:]
+    stages = {r["stage"]: r for r in json.loads(out.stdout)["rows"]}
+    assert {"input: base64 JPEG -> RGB", "output: RGB -> png -> base64", "whole job, fixed model (png)"} <= set(stages)
+    assert all(r["worker_ms"] > 0 and r["bare_ms"] > 0 for r in stages.values())
+
+
+def test_coldstart_on_a_saved_tiny_folder() -> None:
+    out = run("coldstart", "--tiny-folder", "--runs", "1", "--megapixels", "0.0625", "--json", "--port", "8179")
+    assert out.returncode == 0, out.stderr[-2000:]
+    [row] = json.loads(out.stdout)["rows"]
+    assert 0 < row["ready_s"] < row["first_image_s"] and row["folder_gb"] > 0
