@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import base64
-import http.server
 import io
-import threading
 from collections.abc import Iterator
 
 import numpy as np
@@ -16,6 +14,7 @@ from conftest import encode_picture, picture
 from qwen_edit_worker import images_out
 from qwen_edit_worker.errors import RequestError
 from qwen_edit_worker.images_in import InputLimits, decode_image, load_image
+from routes_server import Routes, serve_routes
 
 LIMITS = InputLimits(max_bytes=2_000_000, max_pixels=4_000_000)
 LOOPBACK = InputLimits(max_bytes=2_000_000, max_pixels=4_000_000, allow_loopback_urls=True)  # a test aid
@@ -123,32 +122,15 @@ class TestDecoding:
         assert decode_image(encode_picture(picture(64, 40), fmt), FIELD, 10**6).size == (64, 40)
 
 
-class _Handler(http.server.BaseHTTPRequestHandler):
-    routes: dict[str, tuple[int, bytes]] = {}
-
-    def do_GET(self) -> None:  # noqa: N802
-        status, body = self.routes.get(self.path, (404, b"missing"))
-        self.send_response(status)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
 @pytest.fixture(scope="module")
 def server() -> Iterator[str]:
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
+    with serve_routes() as base:
+        yield base
 
 
 class TestUrls:
     def test_fetch(self, server: str) -> None:
-        _Handler.routes["/a.png"] = (200, encode_picture(picture(50, 60)))
+        Routes.table["/a.png"] = (200, {}, encode_picture(picture(50, 60)))
         assert np.array_equal(np.asarray(load(f"{server}/a.png", LOOPBACK)), np.asarray(picture(50, 60)))
 
     def test_loopback_refused_by_default(self, server: str) -> None:
@@ -158,7 +140,7 @@ class TestUrls:
         rejects(f"{server}/nothing.png", "failed: 127.0.0.1: HTTP 404", LOOPBACK)
 
     def test_size_cap_from_content_length(self, server: str) -> None:
-        _Handler.routes["/big.bin"] = (200, b"\0" * 300_000)
+        Routes.table["/big.bin"] = (200, {}, b"\0" * 300_000)
         rejects(f"{server}/big.bin", "300,000 bytes, over the 100,000-byte limit", InputLimits(100_000, 10**6, True))
 
     def test_unreachable_host(self) -> None:

@@ -4,15 +4,14 @@ address below is refused before any connection is made."""
 
 from __future__ import annotations
 
-import http.server
 import ipaddress
 import re
-import threading
 from collections.abc import Iterator
 
 import pytest
 
 from qwen_edit_worker.urlfetch import MAX_REDIRECTS, FetchError, FetchPolicy, address_problem, fetch
+from routes_server import Routes, serve_routes
 
 POLICY = FetchPolicy(max_bytes=100_000)
 LOOPBACK = FetchPolicy(max_bytes=100_000, allow_loopback=True)
@@ -53,32 +52,10 @@ def test_refused_urls(url: str, reason: str) -> None:
         fetch(url, POLICY)
 
 
-class Routes(http.server.BaseHTTPRequestHandler):
-    table: dict[str, tuple[int, dict[str, str], bytes]] = {}
-    hits: list[str] = []
-
-    def do_GET(self) -> None:  # noqa: N802
-        self.hits.append(self.path)
-        status, headers, body = self.table.get(self.path, (404, {}, b""))
-        self.send_response(status)
-        for key, value in headers.items():
-            if value != "omit":
-                self.send_header(key, value)
-        if "Content-Length" not in headers:
-            self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
 @pytest.fixture(scope="module")
 def base() -> Iterator[str]:
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Routes)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
+    with serve_routes() as url:
+        yield url
 
 
 def test_redirects_are_followed_and_rechecked(base: str) -> None:
