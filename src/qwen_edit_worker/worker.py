@@ -24,7 +24,7 @@ from .settings import Settings
 from .timing import StageClock, timing_report
 
 log = logging.getLogger(__name__)
-Progress = Callable[[dict[str, Any], Any], None]
+Progress = Callable[[Mapping[str, Any], Any], None]
 WARM_UP_SIZE = (1024, 1024)  # the default 1 MP square; other sizes compile on first use
 WARM_UP_SIZE_TINY = (64, 64)
 LIGHTNING_MAX_STEPS = 4  # the LoRA is distilled for 4 steps; 3 is this worker's default
@@ -103,7 +103,7 @@ class Worker:
 
         def on_step(done: int, total: int) -> None:
             if self.progress is not None:
-                self.progress(dict(job), {"step": done, "steps": total})
+                self.progress(job, {"step": done, "steps": total})
 
         pixels = editor.edit(
             pictures, prompt=request.prompt, negative_prompt=request.negative_prompt,
@@ -111,7 +111,7 @@ class Worker:
             clock=clock, on_step=on_step,
         )
         with clock.stage("outputs"):
-            images = self._outputs(job_id, pixels, seeds, request, bucket)
+            images = _outputs(job_id, pixels, seeds, request, bucket, settings.max_response_bytes)
         model = editor.model
         timing = timing_report(clock, cold_start=cold, load_seconds=waited, steps=request.num_inference_steps)
         cost = job_cost(clock.elapsed(), len(images), model.gpu_name, settings.gpu_price_per_second)
@@ -124,30 +124,6 @@ class Worker:
         )
         return {"images": images, "seed": seed, "timing": timing, "cost": cost,
                 "model": model.info(request.num_inference_steps), "warnings": warnings}
-
-    def _outputs(self, job_id: str, pixels: Any, seeds: list[int], request: EditRequest,
-                 bucket: uploads.Bucket | None) -> list[dict[str, Any]]:
-        """Encode each picture, then upload it (URL out) or inline it as base64 (size-checked)."""
-        images = []
-        for index, (picture_pixels, image_seed) in enumerate(zip(pixels, seeds, strict=True)):
-            encoded = images_out.encode(picture_pixels, request.output_format, request.output_quality)
-            if bucket is not None:
-                key = f"{_safe_key(job_id)}/{index}-{image_seed}.{encoded.format}"
-                data, kind = uploads.upload(bucket, key, encoded.data, encoded.format), "url"
-            else:
-                data, kind = encoded.base64(), "base64"
-            images.append({"image": data, "type": kind, "format": encoded.format, "width": encoded.width,
-                           "height": encoded.height, "seed": image_seed})
-        if bucket is None:
-            size = sum(len(item["image"]) for item in images) + 4096  # base64 plus the rest of the JSON
-            limit = self.settings.max_response_bytes if self.settings else size
-            if size > limit:
-                raise WorkerError("output", (
-                    f"the response would be {size / 1e6:.1f} MB, over the {limit / 1e6:g} MB limit "
-                    "(RunPod refuses larger results; MAX_RESPONSE_BYTES): ask for output_format jpeg or webp, "
-                    "fewer num_images or a smaller megapixels, or configure a bucket (BUCKET_ENDPOINT_URL and "
-                    "keys, or the job's s3Config) to get URLs instead"))
-        return images
 
     def _out_of_memory(self, job_id: str) -> dict[str, Any]:
         import gc
@@ -163,6 +139,30 @@ class Worker:
                      "input.num_images; this worker will be replaced after this job",
             "refresh_worker": True,
         }
+
+
+def _outputs(job_id: str, pixels: Any, seeds: list[int], request: EditRequest, bucket: uploads.Bucket | None,
+             limit: int) -> list[dict[str, Any]]:
+    """Encode each picture, then upload it (URL out) or inline it as base64 (size-checked)."""
+    images = []
+    for index, (picture_pixels, image_seed) in enumerate(zip(pixels, seeds, strict=True)):
+        encoded = images_out.encode(picture_pixels, request.output_format, request.output_quality)
+        if bucket is not None:
+            key = f"{_safe_key(job_id)}/{index}-{image_seed}.{encoded.format}"
+            data, kind = uploads.upload(bucket, key, encoded.data, encoded.format), "url"
+        else:
+            data, kind = encoded.base64(), "base64"
+        images.append({"image": data, "type": kind, "format": encoded.format, "width": encoded.width,
+                       "height": encoded.height, "seed": image_seed})
+    if bucket is None:
+        size = sum(len(item["image"]) for item in images) + 4096  # base64 plus the rest of the JSON
+        if size > limit:
+            raise WorkerError("output", (
+                f"the response would be {size / 1e6:.1f} MB, over the {limit / 1e6:g} MB limit "
+                "(RunPod refuses larger results; MAX_RESPONSE_BYTES): ask for output_format jpeg or webp, "
+                "fewer num_images or a smaller megapixels, or configure a bucket (BUCKET_ENDPOINT_URL and "
+                "keys, or the job's s3Config) to get URLs instead"))
+    return images
 
 
 def _safe_key(job_id: str) -> str:
