@@ -7,7 +7,6 @@ from __future__ import annotations
 import io
 import logging
 import os
-import socket
 import tempfile
 from collections.abc import Iterator
 from typing import Any
@@ -18,17 +17,12 @@ import pytest
 import requests
 from PIL import Image
 
+from api_server import free_port
 from conftest import b64_picture, decode_output_image, small_job, tiny_env
 from qwen_edit_worker.logs import quiet_libraries
 from qwen_edit_worker.worker import Worker
 
 KEY_ID, SECRET = "AKIATESTKEY0001", "s3cr3t/Very+Secret+Key+0001"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from qwen_edit_worker.cost import PRICE_TABLE, job_cost, table_price
-from qwen_edit_worker.sizing import output_size
+from qwen_edit_worker.sizing import output_size, working_area
 from qwen_edit_worker.timing import STAGES, StageClock, timing_report
 
 
@@ -23,6 +23,11 @@ class TestOutputSize:
         width, height = output_size(aspect, mp)
         assert width % 16 == 0 and height % 16 == 0
         assert 64 <= width <= 2048 and 64 <= height <= 2048
+
+
+def test_working_area() -> None:
+    assert working_area((64, 128), 1.0) == 64 * 128  # explicit size wins
+    assert working_area(None, 0.25) == 512 * 512
 
 
 class TestCost:

@@ -28,9 +28,9 @@ def output_size(aspect: float, megapixels: float) -> tuple[int, int]:
     return _snap(width * scale), _snap(height * scale)
 
 
-def working_area(size: tuple[int, int]) -> int:
-    """The pixel area the pipeline sizes its VAE conditioning images to (default 1024*1024)."""
-    return size[0] * size[1]
+def working_area(size: tuple[int, int] | None, megapixels: float) -> int:
+    """The request's area in pixels: explicit width x height, else `megapixels` (1 MP = 1024*1024)."""
+    return size[0] * size[1] if size is not None else int(megapixels * MEGAPIXEL)
 
 
 def _snap(side: float) -> int:

@@ -92,7 +92,7 @@ class Worker:
         limits = images_in.InputLimits(settings.max_input_bytes, settings.max_input_pixels,
                                        settings.allow_loopback_urls)
         with clock.stage("inputs"):
-            area = request.size[0] * request.size[1] if request.size else int(request.megapixels * sizing.MEGAPIXEL)
+            area = sizing.working_area(request.size, request.megapixels)
             pictures = [images_in.load_image(source, field, limits, area) for source, field in request.sources()]
 
         editor, cold, waited = self.model.get()
