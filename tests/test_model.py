@@ -112,33 +112,6 @@ class TestScheduler:
         assert loaded(worker).lora_layers == 0
 
 
-class TestAttention:
-    def test_auto_on_cpu_is_native(self) -> None:
-        assert accel.choose_attention_backend("auto", cuda=False) == "native"
-
-    @pytest.mark.parametrize("backend", ["xformers", "flash"])
-    def test_explicit_backend_that_cannot_run_is_an_error(self, backend: str) -> None:
-        with pytest.raises(ModelLoadError) as caught:
-            accel.choose_attention_backend(backend, cuda=False)
-        assert caught.value.subject == "ATTENTION_BACKEND" and "no CUDA device" in str(caught.value)
-        error = Worker({"TINY_MODEL": "1", "WARMUP": "0", "ATTENTION_BACKEND": backend}).handle(small_job())["error"]
-        assert error.startswith(f"ATTENTION_BACKEND: {backend} cannot run here")
-
-    def test_backend_is_set_on_every_attention_processor(self, worker_for: Callable[..., Worker]) -> None:
-        from diffusers.models.attention_dispatch import AttentionBackendName
-
-        worker = worker_for("edit-2511", ATTENTION_BACKEND="native")
-        out = worker.handle(small_job())
-        assert out["model"]["attention_backend"] == "native"
-        pipe = loaded(worker).pipe
-        processors = [m.processor for m in pipe.transformer.modules() if hasattr(m, "processor")]
-        assert processors and all(p._attention_backend == AttentionBackendName.NATIVE for p in processors)
-        # The same dispatcher call really switches them (pinned with a CPU-capable alternative).
-        accel.apply_attention_backend(pipe.transformer, "_native_math")
-        assert all(p._attention_backend == AttentionBackendName._NATIVE_MATH for p in processors)
-        accel.apply_attention_backend(pipe.transformer, "native")
-
-
 class TestOffload:
     @pytest.mark.parametrize("mode", ["model", "group"])
     def test_offload_needs_cuda(self, mode: str) -> None:

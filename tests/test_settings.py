@@ -53,7 +53,7 @@ class TestParsing:
 class TestErrors:
     @pytest.mark.parametrize(("name", "value", "allowed"), [
         ("MODEL_VARIANT", "edit-2512", "edit, edit-2509, edit-2511"),
-        ("ATTENTION_BACKEND", "sage", "auto, xformers, flash, native"),
+        ("ATTENTION_BACKEND", "sage", "auto, native, xformers, flash, _native_cudnn, _native_flash, _native_efficient"),
         ("MEMORY_SAVING", "maybe", "auto, on, off"),
         ("LIGHTNING", "2", "must be 1 or 0"),
         ("WARMUP", "yes please", "must be 1 or 0"),

@@ -35,6 +35,7 @@ class TestEdits:
         assert decode_output_image(item).shape == (64, 64, 3)
         assert out["seed"] == 11 and out["warnings"] == []
         assert out["model"] == {"variant": variant, "lightning": True, "steps": 3, "attention_backend": "native",
+                                "attention_choice": "auto: no CUDA device", "attention_ms": {},
                                 "memory_saving": [], "offload": "none", "precision": "bf16", "compile": "off",
                                 "dtype": "float32", "device": "cpu",
                                 "source": "tiny", "manifest": None}

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import accel, lightning, sources, speedups
+from . import accel, attention, lightning, sources, speedups
 from .errors import ModelLoadError
 from .settings import Settings
 
@@ -32,7 +32,7 @@ class LoadedModel:
     device: str
     dtype: str
     gpu_name: str | None
-    attention_backend: str
+    attention: attention.AttentionChoice
     memory_saving: list[str]
     source: str
     lora_layers: int
@@ -45,7 +45,9 @@ class LoadedModel:
             "variant": self.settings.variant.name,
             "lightning": self.settings.lightning,
             "steps": steps,
-            "attention_backend": self.attention_backend,
+            "attention_backend": self.attention.backend,
+            "attention_choice": self.attention.how,
+            "attention_ms": dict(self.attention.timings_ms),
             "memory_saving": list(self.memory_saving),
             "offload": self.settings.offload,
             "precision": self.settings.precision,
@@ -65,7 +67,9 @@ def load_model(settings: Settings) -> LoadedModel:
     started = time.perf_counter()
     cuda = torch.cuda.is_available()
     device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
-    backend = accel.choose_attention_backend(settings.attention_backend, cuda)
+    # Timed before the weights arrive: a few q/k/v tensors, a fraction of a second per backend.
+    measure = attention.measurer(attention.sequence_length(settings.variant)) if cuda else None
+    chosen = attention.choose(settings.attention_backend, cuda, measure)
 
     source = None if settings.tiny_model else sources.resolve(settings.model_path)
     if source is not None:
@@ -86,7 +90,7 @@ def load_model(settings: Settings) -> LoadedModel:
         lora_layers = lightning.fuse_lightning(pipe, lora_path, setting)
     if settings.precision == "fp8":
         speedups.quantize_fp8(pipe.transformer)  # after the fuse: never a bf16 LoRA over fp8 weights
-    accel.apply_attention_backend(pipe.transformer, backend)
+    attention.apply(pipe.transformer, chosen.backend)
     if settings.compile == "regional":
         speedups.compile_regional(pipe.transformer)
     if settings.offload != "none":
@@ -99,7 +103,7 @@ def load_model(settings: Settings) -> LoadedModel:
     pipe.set_progress_bar_config(disable=True)
     model = LoadedModel(
         pipe=pipe, settings=settings, device=device, dtype=str(dtype).removeprefix("torch."), gpu_name=gpu_name,
-        attention_backend=backend, memory_saving=saving, source="tiny" if source is None else str(source.path),
+        attention=chosen, memory_saving=saving, source="tiny" if source is None else str(source.path),
         lora_layers=lora_layers, manifest=None if source is None else source.manifest(),
     )
     model.load_seconds = time.perf_counter() - started
@@ -107,7 +111,7 @@ def load_model(settings: Settings) -> LoadedModel:
         "model ready in %.1f s: variant=%s from %s device=%s%s dtype=%s precision=%s lightning=%s (%d LoRA "
         "layers) attention=%s memory_saving=%s offload=%s compile=%s", model.load_seconds, settings.variant.name,
         model.source, device, f" ({gpu_name})" if gpu_name else "", model.dtype, settings.precision,
-        settings.lightning, lora_layers, backend, ",".join(saving) or "off", settings.offload, settings.compile,
+        settings.lightning, lora_layers, chosen.backend, ",".join(saving) or "off", settings.offload, settings.compile,
     )
     return model
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from .errors import SettingsError
 from .variants import DEFAULT_VARIANT, VARIANTS, Variant
 
-ATTENTION_BACKENDS = ("auto", "xformers", "flash", "native")
+ATTENTION_BACKENDS = ("auto", "native", "xformers", "flash", "_native_cudnn", "_native_flash", "_native_efficient")
 MEMORY_SAVING_MODES = ("auto", "on", "off")
 OFFLOAD_MODES = ("none", "model", "group")
 PRECISIONS = ("bf16", "fp8")
@@ -33,7 +33,8 @@ SETTINGS: dict[str, tuple[str, str]] = {
     "LORA_PATH": ("", "Lightning LoRA file; empty means the variant's file in the baked layout"),
     "LIGHTNING": ("1", "1: fuse the Lightning LoRA (3 steps, no CFG); 0: base model"),
     "TINY_MODEL": ("0", "1: tiny random-weight model built in code (tests, demos; output is noise)"),
-    "ATTENTION_BACKEND": ("auto", "auto | xformers | flash | native"),
+    "ATTENTION_BACKEND": ("auto", "auto (fastest measured at load) | native | xformers | flash | _native_cudnn | "
+                                    "_native_flash | _native_efficient"),
     "MEMORY_SAVING": ("auto", "auto | on | off (auto: on for GPUs under 48 GB)"),
     "PRECISION": ("bf16", "bf16 | fp8: fp8 quantises the transformer (torchao) after the LoRA is fused"),
     "COMPILE": ("off", "off | regional: compile the repeated transformer block at load (torch.compile)"),
