@@ -46,7 +46,7 @@ ENV MODEL_VARIANT=${MODEL_VARIANT} \
     LIGHTNING=1 \
     ATTENTION_BACKEND=auto \
     MEMORY_SAVING=auto \
-    OFFLOAD=none \
+    OFFLOAD=auto \
     WARMUP=1 \
     LOG_LEVEL=INFO
 

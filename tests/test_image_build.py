@@ -163,12 +163,29 @@ class TestHub:
 
     def test_presets_use_known_settings_and_valid_values(self) -> None:
         names = [preset["name"] for preset in HUB["config"]["presets"]]
-        assert any("80 GB" in n for n in names) and any("48 GB" in n for n in names)
+        assert [n.split(" (")[0] for n in names] == ["24 GB", "48 GB", "80 GB", "141 GB"]
         for preset in HUB["config"]["presets"]:
             assert set(preset["defaults"]) <= set(SETTINGS)
             Settings.from_env({k: str(v) for k, v in preset["defaults"].items()})  # raises if invalid
-        forty_eight = next(p for p in HUB["config"]["presets"] if "48 GB" in p["name"])["defaults"]
-        assert forty_eight["MEMORY_SAVING"] == "on" and forty_eight["OFFLOAD"] != "none"  # 57.7 GB > 48 GB
+
+    def test_each_preset_fits_its_class_as_fast_as_any_setting_can(self) -> None:
+        """The placement a preset's settings get on its class (the real model's sizes, room for a 2 MP x4
+        job) is the fastest any precision pair could get there: no model/group offload where avoidable."""
+        from qwen_edit_worker import placement
+
+        pools = {"24 GB": "AMPERE_24, ADA_24", "48 GB": "AMPERE_48, ADA_48_PRO", "80 GB": "AMPERE_80, ADA_80_PRO",
+                 "141 GB": "HOPPER_141"}
+        for preset in HUB["config"]["presets"]:
+            label = preset["name"].split(" (")[0]
+            assert f"({pools[label]})" in preset["name"]
+            gpu = int(label.split()[0]) * placement.GB
+            s = Settings.from_env({k: str(v) for k, v in preset["defaults"].items()})
+            plan = placement.plan(placement.reference_sizes(s.precision, s.text_encoder_precision), gpu, mode=s.offload)
+            best = min(placement.MODES.index(placement.plan(placement.reference_sizes(p, t), gpu).offload)
+                       for p in ("bf16", "int8") for t in ("bf16", "int8"))
+            assert plan.fits and placement.MODES.index(plan.offload) == best, (label, plan)
+            if plan.offload != "none":
+                assert s.memory_saving == "on"
 
     def test_tests_json(self) -> None:
         jsonschema.validate(TESTS, TESTS_SCHEMA)

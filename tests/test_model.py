@@ -113,10 +113,10 @@ class TestScheduler:
 
 
 class TestOffload:
-    @pytest.mark.parametrize("mode", ["model", "group"])
+    @pytest.mark.parametrize("mode", ["text_encoder", "model", "group"])
     def test_offload_needs_cuda(self, mode: str) -> None:
         error = Worker({"TINY_MODEL": "1", "WARMUP": "0", "OFFLOAD": mode}).handle(small_job())["error"]
-        assert error == f"OFFLOAD: {mode} offload moves weights to a CUDA GPU and there is none; use none"
+        assert error == f"OFFLOAD: {mode} offload moves weights to a CUDA GPU and there is none; use auto or none"
 
 
 class TestPrecisionAndCompile:

@@ -1,9 +1,7 @@
 """OFFLOAD=auto: the placement plan for each GPU class and precision, and the sizes it is fed.
 
-The plan is a pure function, so every RunPod class is checked here without its GPU.  Component
-sizes are the real model's, from its configs (bench/gpu --dry-run: 20.430 B transformer, 8.292 B
-text-encoder and 0.127 B VAE parameters): bf16 is 2 bytes a parameter; int8/fp8 is 1 byte a
-linear weight plus scales, the text encoder's 1.09 GB of embeddings and output head staying bf16."""
+The plan is a pure function, so every RunPod class is checked here without its GPU, on the real
+model's component sizes (placement.REFERENCE_BYTES, from its configs)."""
 
 from __future__ import annotations
 
@@ -14,11 +12,11 @@ import torch
 from safetensors.torch import save_file
 
 from qwen_edit_worker import placement
-from qwen_edit_worker.placement import GB
+from qwen_edit_worker.placement import GB, reference_sizes
 
-BF16 = {"transformer": int(40.86 * GB), "text_encoder": int(16.58 * GB), "vae": int(0.254 * GB)}
-INT8_T = {**BF16, "transformer": int(20.8 * GB)}
-INT8_BOTH = {**INT8_T, "text_encoder": int(9.0 * GB)}
+BF16 = reference_sizes("bf16", "bf16")
+INT8_T = reference_sizes("int8", "bf16")
+INT8_BOTH = reference_sizes("int8", "int8")
 SIZES = {"bf16": BF16, "int8 transformer": INT8_T, "int8 both": INT8_BOTH}
 
 EXPECTED = {  # GPU GB -> placement, per precision (fastest that fits with room for 2 MP x 4)
@@ -90,3 +88,23 @@ class TestSizes:
             save_file(weights, str(tmp_path / name / "m.safetensors"))
         sizes = placement.model_bytes(tmp_path, "int8", "bf16")
         assert sizes == {"transformer": 8 * 10 + 8 * 4, "text_encoder": 4 * 10 * 2, "vae": 2 * 10 * 2}
+
+
+class TestStreamedTextEncoder:
+    def test_text_encoder_under_group_offload_hooks_gives_the_same_edit(self) -> None:
+        """OFFLOAD=text_encoder streams the Qwen2.5-VL encoder's layers through diffusers' group-offload
+        hooks.  Here the hooks run for real with the CPU as the "GPU" (no CUDA stream): the pipeline still
+        finds its execution device and the picture is identical, so the hooks do not change the encoding."""
+        import numpy as np
+
+        from conftest import decode_output_image, small_job
+        from qwen_edit_worker import accel
+        from qwen_edit_worker.worker import Worker
+
+        worker = Worker({"TINY_MODEL": "1", "WARMUP": "0"})
+        before = decode_output_image(worker.handle(small_job(seed=5))["images"][0])
+        pipe = worker.model.get()[0].model.pipe
+        accel.stream_text_encoder(pipe, torch.device("cpu"), use_stream=False)
+        assert any(hasattr(m, "_diffusers_hook") for m in pipe.text_encoder.modules())  # the hooks are in place
+        after = decode_output_image(worker.handle(small_job(seed=5))["images"][0])
+        assert np.array_equal(before, after)

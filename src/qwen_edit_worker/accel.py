@@ -20,13 +20,14 @@ LARGE_GPU_BYTES = 48 * 1000**3  # MEMORY_SAVING=auto turns savers on below this
 
 
 def check_offload(offload: str, cuda: bool) -> None:
-    """OFFLOAD model and group move weights to a CUDA GPU: without one they are a load error."""
+    """OFFLOAD text_encoder, model and group move weights to a CUDA GPU: without one, a load error."""
     if offload != "none" and not cuda:
-        raise ModelLoadError("OFFLOAD", f"{offload} offload moves weights to a CUDA GPU and there is none; use none")
+        raise ModelLoadError("OFFLOAD", f"{offload} offload moves weights to a CUDA GPU and there is none; "
+                                        "use auto or none")
 
 
 def place(pipe: Any, offload: str, cuda: bool) -> None:
-    """Put the pipeline on its device: all of it (none), or under model or group offload.
+    """Put the pipeline on its devices as placement `offload` says (placement.py explains each).
 
     Offload keeps weights in CPU memory and moves them to the GPU as they are needed, so a GPU
     smaller than the model (57.7 GB in bf16) can run it, at the price of transfers every job.
@@ -37,12 +38,31 @@ def place(pipe: Any, offload: str, cuda: bool) -> None:
         return
     import torch
 
-    if offload == "model":
+    if offload == "text_encoder":
+        pipe.transformer.to("cuda")
+        pipe.vae.to("cuda")
+        stream_text_encoder(pipe, torch.device("cuda"), use_stream=True)
+    elif offload == "model":
         pipe.enable_model_cpu_offload()
     else:
         pipe.enable_group_offload(onload_device=torch.device("cuda"), offload_device=torch.device("cpu"),
                                   offload_type="leaf_level", use_stream=True)
-    log.info("offload: %s (weights stay in CPU memory between uses)", offload)
+    log.info("offload: %s (those weights stay in CPU memory between uses)", offload)
+
+
+def stream_text_encoder(pipe: Any, onload_device: Any, use_stream: bool) -> None:
+    """Keep the text encoder in CPU memory and stream its layers to `onload_device` when it runs.
+
+    Leaf-level group offload with prefetch on a side CUDA stream (`use_stream`): the copy of the
+    next layer overlaps the current one's compute, and only a few layers are on the GPU at a time.
+    The pipeline then reports the onload device as its execution device (diffusers looks for
+    group-offload hooks first), so prompts and latents are created on the GPU.
+    """
+    import torch
+    from diffusers.hooks import apply_group_offloading
+
+    apply_group_offloading(pipe.text_encoder, onload_device=onload_device, offload_device=torch.device("cpu"),
+                           offload_type="leaf_level", use_stream=use_stream)
 
 
 def memory_saving_enabled(setting: str, gpu_total_bytes: int | None) -> bool:

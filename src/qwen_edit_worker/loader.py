@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import accel, attention, lightning, sources, speedups
+from . import accel, attention, lightning, placement, sources, speedups
 from .errors import ModelLoadError
 from .settings import Settings
 
@@ -33,6 +33,7 @@ class LoadedModel:
     dtype: str
     gpu_name: str | None
     attention: attention.AttentionChoice
+    placement: placement.Plan
     memory_saving: list[str]
     source: str
     lora_layers: int
@@ -49,7 +50,8 @@ class LoadedModel:
             "attention_choice": self.attention.how,
             "attention_ms": dict(self.attention.timings_ms),
             "memory_saving": list(self.memory_saving),
-            "offload": self.settings.offload,
+            "offload": self.placement.offload,
+            "placement": self.placement.info(),
             "precision": self.settings.precision,
             "compile": self.settings.compile,
             "dtype": self.dtype,
@@ -75,14 +77,20 @@ def load_model(settings: Settings) -> LoadedModel:
     if source is not None:
         log.info("model source: %s %s%s", source.kind, source.path,
                  f" ({source.model}; LoRA {source.lora or 'from LORA_PATH'})" if source.model else "")
-    accel.check_offload(settings.offload, cuda)  # fail before reading 58 GB of weights
+        _check_folder(source.path)
+    if settings.offload not in ("auto", "none"):
+        accel.check_offload(settings.offload, cuda)  # fail before reading 58 GB of weights
     speedups.check_precision(settings.precision, cuda, torch.cuda.get_device_capability(0) if cuda else None)
-    # Without offload, weights are read straight onto the device (no CPU copy, no second transfer).
-    pipe = _build_pipeline(settings, source, dtype, device if settings.offload == "none" else None)
-    if settings.offload == "none":
-        accel.place(pipe, "none", cuda)
-    elif cuda:
-        pipe.transformer.to(device)  # fuse the LoRA on the GPU; offload takes the weights back after
+    gpu_bytes = torch.cuda.get_device_properties(0).total_memory if cuda else None
+    # Decided from the safetensors headers before any weight is read (the tiny model: after building).
+    plan = None if source is None else _plan(settings, source.path, gpu_bytes)
+    straight = plan is not None and plan.offload == "none" and _stored_fits(source, gpu_bytes)
+    # When everything fits as stored, weights are read straight onto the device (no CPU copy).
+    pipe = _build_pipeline(settings, source, dtype, device if straight or not cuda else None)
+    if plan is None:
+        plan = placement.plan(_resident_bytes(pipe), gpu_bytes, mode=settings.offload)
+    if cuda and not straight and _transformer_fits(source, gpu_bytes):
+        pipe.transformer.to(device)  # fuse and quantise on the GPU; the placement below takes it from there
     lora_layers = 0
     if settings.lightning:
         pipe.scheduler = lightning.lightning_scheduler(pipe.scheduler)
@@ -93,17 +101,16 @@ def load_model(settings: Settings) -> LoadedModel:
     attention.apply(pipe.transformer, chosen.backend)
     if settings.compile == "regional":
         speedups.compile_regional(pipe.transformer)
-    if settings.offload != "none":
+    if plan.offload != "none":
         pipe.transformer.to("cpu")
-        accel.place(pipe, settings.offload, cuda)
+    accel.place(pipe, plan.offload, cuda)
 
     gpu_name = torch.cuda.get_device_name(0) if cuda else None
-    gpu_bytes = torch.cuda.get_device_properties(0).total_memory if cuda else None
     saving = accel.apply_memory_saving(pipe) if accel.memory_saving_enabled(settings.memory_saving, gpu_bytes) else []
     pipe.set_progress_bar_config(disable=True)
     model = LoadedModel(
         pipe=pipe, settings=settings, device=device, dtype=str(dtype).removeprefix("torch."), gpu_name=gpu_name,
-        attention=chosen, memory_saving=saving, source="tiny" if source is None else str(source.path),
+        attention=chosen, placement=plan, memory_saving=saving, source="tiny" if source is None else str(source.path),
         lora_layers=lora_layers, manifest=None if source is None else source.manifest(),
     )
     model.load_seconds = time.perf_counter() - started
@@ -111,7 +118,7 @@ def load_model(settings: Settings) -> LoadedModel:
         "model ready in %.1f s: variant=%s from %s device=%s%s dtype=%s precision=%s lightning=%s (%d LoRA "
         "layers) attention=%s memory_saving=%s offload=%s compile=%s", model.load_seconds, settings.variant.name,
         model.source, device, f" ({gpu_name})" if gpu_name else "", model.dtype, settings.precision,
-        settings.lightning, lora_layers, chosen.backend, ",".join(saving) or "off", settings.offload, settings.compile,
+        settings.lightning, lora_layers, chosen.backend, ",".join(saving) or "off", plan.offload, settings.compile,
     )
     return model
 
@@ -129,14 +136,51 @@ def _build_pipeline(settings: Settings, source: sources.ModelSource | None, dtyp
             pipe.to(dtype=dtype)
         return pipe
     path = source.path
-    if not (path / "model_index.json").is_file():
-        reason = "does not exist" if not path.exists() else "has no model_index.json (not a diffusers pipeline folder)"
-        raise ModelLoadError("MODEL_PATH", f"{path} {reason}; bake the model into the image or point MODEL_PATH at it")
     try:
         pipe = pipeline_class.from_pretrained(str(path), dtype=dtype, local_files_only=True, device_map=device_map)
     except (OSError, ValueError, KeyError, RuntimeError, TypeError) as err:
         raise ModelLoadError("MODEL_PATH", f"cannot load the pipeline from {path}: {err}") from None
     return pipe
+
+
+def _check_folder(path: Path) -> None:
+    if not (path / "model_index.json").is_file():
+        reason = "does not exist" if not path.exists() else "has no model_index.json (not a diffusers pipeline folder)"
+        raise ModelLoadError("MODEL_PATH", f"{path} {reason}; bake the model into the image or point MODEL_PATH at it")
+
+
+def _plan(settings: Settings, path: Path, gpu_bytes: int | None) -> placement.Plan:
+    """The placement for the folder's components at the precisions they will run in; logged with its numbers."""
+    sizes = placement.model_bytes(path, settings.precision, "bf16")
+    plan = placement.plan(sizes, gpu_bytes, mode=settings.offload)
+    log.info("placement: offload=%s (%s); component GB: %s", plan.offload, plan.reason,
+             ", ".join(f"{k}={v / placement.GB:.1f}" for k, v in sizes.items()))
+    if not plan.fits and settings.offload == "auto":
+        raise ModelLoadError("OFFLOAD", plan.reason)
+    if not plan.fits:
+        log.warning("placement: OFFLOAD=%s does not fit this GPU: %s", settings.offload, plan.reason)
+    return plan
+
+
+def _stored_fits(source: sources.ModelSource | None, gpu_bytes: int | None) -> bool:
+    """Whether every component fits the GPU as stored (before any quantisation at load)."""
+    if source is None or gpu_bytes is None:
+        return False
+    return placement.need("none", placement.model_bytes(source.path, "bf16", "bf16"))[0] <= gpu_bytes
+
+
+def _transformer_fits(source: sources.ModelSource | None, gpu_bytes: int | None) -> bool:
+    """Whether the transformer alone fits the GPU as stored (else the fuse and quantisation run on the CPU)."""
+    if source is None or gpu_bytes is None:
+        return gpu_bytes is not None
+    stored = placement.folder_bytes(source.path / "transformer", "bf16")
+    return stored + placement.RESERVE_BYTES <= gpu_bytes
+
+
+def _resident_bytes(pipe: Any) -> dict[str, int]:
+    """Bytes of each component's parameters and buffers as they sit in memory now."""
+    return {name: sum(t.numel() * t.element_size() for t in (*part.parameters(), *part.buffers()))
+            for name in placement.COMPONENTS if (part := getattr(pipe, name, None)) is not None}
 
 
 def _lora_path(settings: Settings, source: sources.ModelSource | None) -> tuple[Path, str]:

@@ -32,6 +32,21 @@ RESERVE_BYTES = int(1.5 * GB)  # CUDA context, cuBLAS workspaces, allocator frag
 STREAM_WINDOW_BYTES = int(2.5 * GB)  # a streamed component's layers on the GPU at once (2 largest leaves)
 MODES = ("none", "text_encoder", "model", "group")  # fastest first
 COMPONENTS = ("transformer", "text_encoder", "vae")
+# The real model's component sizes (configs from bench/gpu --dry-run: 20.430 B, 8.292 B and 0.127 B
+# parameters): bf16 is 2 bytes a parameter; int8/fp8 is 1 byte a linear weight plus scales, the text
+# encoder's 1.09 GB of embeddings and output head staying bf16.  For planning without the weights.
+REFERENCE_BYTES = {
+    "transformer": {"bf16": int(40.86 * GB), "int8": int(20.8 * GB), "fp8": int(20.8 * GB)},
+    "text_encoder": {"bf16": int(16.58 * GB), "int8": int(9.0 * GB), "fp8": int(9.0 * GB)},
+    "vae": {"bf16": int(0.254 * GB)},
+}
+
+
+def reference_sizes(precision: str, text_encoder_precision: str) -> dict[str, int]:
+    """The real model's component bytes at these precisions (REFERENCE_BYTES)."""
+    return {"transformer": REFERENCE_BYTES["transformer"][precision],
+            "text_encoder": REFERENCE_BYTES["text_encoder"][text_encoder_precision],
+            "vae": REFERENCE_BYTES["vae"]["bf16"]}
 
 
 @dataclass(frozen=True)
@@ -80,7 +95,9 @@ def plan(sizes: Mapping[str, int], gpu_bytes: int | None, headroom: int = JOB_HE
     """
     total = sum(sizes.values())
     if gpu_bytes is None:
-        return Plan("none", True, total, None, 0, "no GPU: every component runs on the CPU")
+        if mode in ("auto", "none"):
+            return Plan("none", True, total, None, 0, "no GPU: every component runs on the CPU")
+        return Plan(mode, False, total, None, 0, f"OFFLOAD={mode} moves weights to a GPU and there is none")
     if mode != "auto":
         peak, moved = need(mode, sizes, headroom)
         fits = peak <= gpu_bytes

@@ -18,7 +18,7 @@ from .variants import DEFAULT_VARIANT, VARIANTS, Variant
 
 ATTENTION_BACKENDS = ("auto", "native", "xformers", "flash", "_native_cudnn", "_native_flash", "_native_efficient")
 MEMORY_SAVING_MODES = ("auto", "on", "off")
-OFFLOAD_MODES = ("none", "model", "group")
+OFFLOAD_MODES = ("auto", "none", "text_encoder", "model", "group")
 PRECISIONS = ("bf16", "fp8")
 COMPILE_MODES = ("off", "regional")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -38,7 +38,7 @@ SETTINGS: dict[str, tuple[str, str]] = {
     "MEMORY_SAVING": ("auto", "auto | on | off (auto: on for GPUs under 48 GB)"),
     "PRECISION": ("bf16", "bf16 | fp8: fp8 quantises the transformer (torchao) after the LoRA is fused"),
     "COMPILE": ("off", "off | regional: compile the repeated transformer block at load (torch.compile)"),
-    "OFFLOAD": ("none", "none | model | group: keep weights in CPU memory, move them to the GPU as needed"),
+    "OFFLOAD": ("auto", "auto (fastest placement that fits this GPU) | none | text_encoder | model | group"),
     "WARMUP": ("1", "1: start loading the model in the background at worker start"),
     "GPU_PRICE_PER_SECOND": ("", "USD per second for cost reports; empty: RunPod's price table"),
     "MAX_INPUT_BYTES": ("20000000", "largest accepted input image, in bytes"),
