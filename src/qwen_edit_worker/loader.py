@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import accel, lightning, sources, speedups
+from . import accel, lightning, precision, sources, speedups
 from .errors import ModelLoadError
 from .settings import Settings
 
@@ -37,6 +37,7 @@ class LoadedModel:
     source: str
     lora_layers: int
     manifest: dict[str, str] | None = None
+    lightning_fused: str | None = None  # where the Lightning LoRA was fused: "bake", "load", or None (base model)
     load_seconds: float = 0.0
 
     def info(self, steps: int) -> dict[str, Any]:
@@ -49,6 +50,8 @@ class LoadedModel:
             "memory_saving": list(self.memory_saving),
             "offload": self.settings.offload,
             "precision": self.settings.precision,
+            "text_encoder_precision": self.settings.text_encoder_precision,
+            "lightning_fused": self.lightning_fused,
             "compile": self.settings.compile,
             "dtype": self.dtype,
             "device": self.device,
@@ -72,25 +75,22 @@ def load_model(settings: Settings) -> LoadedModel:
         log.info("model source: %s %s%s", source.kind, source.path,
                  f" ({source.model}; LoRA {source.lora or 'from LORA_PATH'})" if source.model else "")
     accel.check_offload(settings.offload, cuda)  # fail before reading 58 GB of weights
-    speedups.check_precision(settings.precision, cuda, torch.cuda.get_device_capability(0) if cuda else None)
+    _check_precisions(settings, source, cuda, torch.cuda.get_device_capability(0) if cuda else None)
     # Without offload, weights are read straight onto the device (no CPU copy, no second transfer).
     pipe = _build_pipeline(settings, source, dtype, device if settings.offload == "none" else None)
     if settings.offload == "none":
         accel.place(pipe, "none", cuda)
     elif cuda:
         pipe.transformer.to(device)  # fuse the LoRA on the GPU; offload takes the weights back after
-    lora_layers = 0
-    if settings.lightning:
-        pipe.scheduler = lightning.lightning_scheduler(pipe.scheduler)
-        lora_path, setting = _lora_path(settings, source)
-        lora_layers = lightning.fuse_lightning(pipe, lora_path, setting)
-    if settings.precision == "fp8":
-        speedups.quantize_fp8(pipe.transformer)  # after the fuse: never a bf16 LoRA over fp8 weights
+    lora_layers, fused_at = _apply_lightning(pipe, settings, source)
+    _quantise_transformer(pipe, settings, source)  # after the fuse: never a bf16 LoRA over quantised weights
     accel.apply_attention_backend(pipe.transformer, backend)
     if settings.compile == "regional":
         speedups.compile_regional(pipe.transformer)
     if settings.offload != "none":
         pipe.transformer.to("cpu")
+    _quantise_text_encoder(pipe, settings, source, device)
+    if settings.offload != "none":
         accel.place(pipe, settings.offload, cuda)
 
     gpu_name = torch.cuda.get_device_name(0) if cuda else None
@@ -100,14 +100,15 @@ def load_model(settings: Settings) -> LoadedModel:
     model = LoadedModel(
         pipe=pipe, settings=settings, device=device, dtype=str(dtype).removeprefix("torch."), gpu_name=gpu_name,
         attention_backend=backend, memory_saving=saving, source="tiny" if source is None else str(source.path),
-        lora_layers=lora_layers, manifest=None if source is None else source.manifest(),
+        lora_layers=lora_layers, manifest=None if source is None else source.manifest(), lightning_fused=fused_at,
     )
     model.load_seconds = time.perf_counter() - started
     log.info(
-        "model ready in %.1f s: variant=%s from %s device=%s%s dtype=%s precision=%s lightning=%s (%d LoRA "
-        "layers) attention=%s memory_saving=%s offload=%s compile=%s", model.load_seconds, settings.variant.name,
-        model.source, device, f" ({gpu_name})" if gpu_name else "", model.dtype, settings.precision,
-        settings.lightning, lora_layers, backend, ",".join(saving) or "off", settings.offload, settings.compile,
+        "model ready in %.1f s: variant=%s from %s device=%s%s dtype=%s precision=%s text_encoder_precision=%s "
+        "lightning=%s (fused at %s, %d LoRA layers at load) attention=%s memory_saving=%s offload=%s compile=%s",
+        model.load_seconds, settings.variant.name, model.source, device, f" ({gpu_name})" if gpu_name else "",
+        model.dtype, settings.precision, settings.text_encoder_precision, settings.lightning, fused_at or "-",
+        lora_layers, backend, ",".join(saving) or "off", settings.offload, settings.compile,
     )
     return model
 
@@ -133,6 +134,50 @@ def _build_pipeline(settings: Settings, source: sources.ModelSource | None, dtyp
     except (OSError, ValueError, KeyError, RuntimeError, TypeError) as err:
         raise ModelLoadError("MODEL_PATH", f"cannot load the pipeline from {path}: {err}") from None
     return pipe
+
+
+# --- Lightning and precision: what the bake already did is skipped, the rest is done here. ---
+
+def _check_precisions(settings: Settings, source: sources.ModelSource | None, cuda: bool,
+                      capability: tuple[int, int] | None) -> None:
+    """Before any weight is read: precisions this machine cannot run, settings that contradict the bake."""
+    precision.check(settings.precision, "PRECISION", cuda, capability)
+    precision.check(settings.text_encoder_precision, "TEXT_ENCODER_PRECISION", cuda, capability)
+    if source is not None:
+        source.check_settings(settings.lightning, settings.lora_path, settings.precision,
+                              settings.text_encoder_precision)
+
+
+def _apply_lightning(pipe: Any, settings: Settings, source: sources.ModelSource | None) -> tuple[int, str | None]:
+    """Lightning scheduler, and the LoRA fused unless the bake fused it; (layers fused now, where fused)."""
+    if not settings.lightning:
+        return 0, None
+    pipe.scheduler = lightning.lightning_scheduler(pipe.scheduler)
+    if source is not None and source.fused_lora:
+        log.info("Lightning LoRA %s was fused into the transformer at bake time: no LoRA work now", source.fused_lora)
+        return 0, "bake"
+    lora_path, setting = _lora_path(settings, source)
+    return lightning.fuse_lightning(pipe, lora_path, setting), "load"
+
+
+def _baked(source: sources.ModelSource | None) -> tuple[str, str]:
+    return ("bf16", "bf16") if source is None else (source.transformer_precision, source.text_encoder_precision)
+
+
+def _quantise_transformer(pipe: Any, settings: Settings, source: sources.ModelSource | None) -> None:
+    # check_settings allows only an equal precision or a bf16 bake: quantise only the latter.
+    if settings.precision != _baked(source)[0]:
+        precision.quantise_transformer(pipe.transformer, settings.precision)
+
+
+def _quantise_text_encoder(pipe: Any, settings: Settings, source: sources.ModelSource | None, device: str) -> None:
+    if settings.text_encoder_precision == _baked(source)[1]:
+        return
+    encoder = pipe.text_encoder
+    home = encoder.device
+    encoder.to(device)  # quantise where it runs (torchao creates fp8 only beside an sm89 GPU); offload moves it back
+    precision.quantise_text_encoder(encoder, settings.text_encoder_precision)
+    encoder.to(home)
 
 
 def _lora_path(settings: Settings, source: sources.ModelSource | None) -> tuple[Path, str]:
