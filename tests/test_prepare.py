@@ -235,6 +235,16 @@ class TestPrecisionsAtLoad:
         precision.check("fp8", "PRECISION", True, (9, 0))  # an H100
         precision.check("int8", "PRECISION", False, None)  # a CPU runs int8
 
+    def test_stored_int8_bytes_are_what_torchao_saves(self) -> None:
+        """The bytes table (bench/gpu --bytes) counts int8 weights with these constants."""
+        from torchao.prototype.safetensors.safetensors_support import flatten_tensor_state_dict
+
+        layer = torch.nn.Linear(96, 40, bias=False).to(torch.bfloat16)
+        precision.quantise_transformer(layer, "int8")
+        flat, _ = flatten_tensor_state_dict(layer.state_dict())
+        stored = sum(t.numel() * t.element_size() for t in flat.values())
+        assert stored == precision.linear_weight_bytes(40, 96, "int8") == 40 * 96 + 40 * 5
+
     def test_settings(self) -> None:
         s = Settings.from_env({"PRECISION": "INT8", "TEXT_ENCODER_PRECISION": "fp8"})
         assert (s.precision, s.text_encoder_precision) == ("int8", "fp8")

@@ -37,6 +37,9 @@ QUANTISED = PRECISIONS[1:]
 MIN_CAPABILITY = {"int8": (8, 0), "fp8": (8, 9)}
 GPU_NAMES = {"int8": "Ampere, Ada or Hopper", "fp8": "Ada or Hopper"}
 TEXT_ENCODER_KEPT = ("model.visual",)  # module prefixes the text encoder keeps in bf16
+# Stored bytes of one quantised linear weight, as torchao 0.18 saves it: (per element, per output row).
+# int8: int8 qdata, a float32 scale and an int8 zero point per row; fp8: e4m3 qdata, a float32 scale per row.
+STORED_BYTES = {"bf16": (2, 0), "int8": (1, 5), "fp8": (1, 4)}
 
 
 def check(precision: str, setting: str, cuda: bool, capability: tuple[int, int] | None) -> None:
@@ -55,6 +58,12 @@ def check(precision: str, setting: str, cuda: bool, capability: tuple[int, int] 
         raise ModelLoadError(setting, f"{precision} needs compute capability {need[0]}.{need[1]} or newer "
                                       f"({GPU_NAMES[precision]}); this GPU is {capability[0]}.{capability[1]}; "
                                       f"use {'bf16 or int8' if capability >= (8, 0) else 'bf16'}")
+
+
+def linear_weight_bytes(rows: int, columns: int, precision: str) -> int:
+    """Bytes a (rows x columns) linear weight takes when stored at `precision` (scales included)."""
+    per_element, per_row = STORED_BYTES[precision]
+    return rows * columns * per_element + rows * per_row
 
 
 def torchao_config(precision: str) -> Any:
