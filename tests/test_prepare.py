@@ -239,7 +239,7 @@ class TestPrecisionsAtLoad:
         """The bytes table (bench/gpu --bytes) counts int8 weights with these constants."""
         from torchao.prototype.safetensors.safetensors_support import flatten_tensor_state_dict
 
-        layer = torch.nn.Linear(96, 40, bias=False).to(torch.bfloat16)
+        layer = torch.nn.Sequential(torch.nn.Linear(96, 40, bias=False)).to(torch.bfloat16)
         precision.quantise_transformer(layer, "int8")
         flat, _ = flatten_tensor_state_dict(layer.state_dict())
         stored = sum(t.numel() * t.element_size() for t in flat.values())
