@@ -190,6 +190,56 @@ class TestContradictions:
             resolve(tmp_path)
 
 
+class TestImageBuildStage:
+    def test_the_files_the_dockerfile_copies_are_enough_to_fuse_and_quantise(
+            self, tmp_path: Path, tiny_repo: dict[str, bytes], lora_bytes: bytes) -> None:  # noqa: F811
+        """The build stage has bake.py and the modules copied beside it, not the installed package."""
+        import os
+        import re
+        import shlex
+        import shutil
+        import subprocess
+        import sys
+
+        root = Path(__file__).resolve().parent.parent
+        joined = re.sub(r"\\\n\s*", " ", (root / "Dockerfile").read_text())
+        builder = tmp_path / "builder"
+        for line in joined.splitlines():
+            if line.startswith("COPY ") and "/builder/" in line:
+                *sources, dest = shlex.split(line)[1:]
+                target = builder / dest.removeprefix("/builder/")
+                for source in sources:
+                    into = target / Path(source).name if dest.endswith("/") else target
+                    into.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy(root / source, into)
+        assert (builder / "bake.py").is_file() and (builder / "qwen_edit_worker" / "prepare.py").is_file()
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING", "PYTHONPATH"))}
+        dest = tmp_path / "models"
+        with Hub(repos(tiny_repo, lora_bytes)) as hub:
+            env.update({"HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf-home"), "HF_HUB_DISABLE_XET": "1"})
+            out = subprocess.run([sys.executable, str(builder / "bake.py"), "--variant", VARIANT.name, "--dest",
+                                  str(dest), "--token-file", str(tmp_path / "none"), "--fuse-lightning",
+                                  "--precision", "int8"], env=env, cwd=tmp_path, capture_output=True, text=True,
+                                 timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
+        prepared = manifest(dest / VARIANT.name)["prepared"]
+        assert prepared["fused_lora"] == LORA_REF and prepared["precision"]["transformer"] == "int8"
+
+
+    def test_build_args_reach_the_bake_and_become_the_runtime_defaults(self) -> None:
+        from test_image_build import DOCKERFILE, instructions
+
+        args = {a.split("=")[0]: a.split("=")[1] for a in instructions("ARG") if "=" in a}
+        assert (args["FUSE_LIGHTNING"], args["PRECISION"], args["TEXT_ENCODER_PRECISION"]) == ("0", "bf16", "bf16")
+        [bake_step] = [r for r in instructions("RUN") if "bake.py" in r]
+        assert '--precision "${PRECISION}" --text-encoder-precision "${TEXT_ENCODER_PRECISION}"' in bake_step
+        assert 'if [ "${FUSE_LIGHTNING}" = "1" ]; then fuse="--fuse-lightning"' in bake_step
+        env = " ".join(instructions("ENV"))
+        assert "PRECISION=${PRECISION}" in env and "TEXT_ENCODER_PRECISION=${TEXT_ENCODER_PRECISION}" in env
+        # a code change outside the copied modules keeps the weights layer
+        assert DOCKERFILE.index("ARG FUSE_LIGHTNING") < DOCKERFILE.index("bake.py --variant")
+
+
 class TestFp8Bake:
     def test_fp8_without_an_ada_or_hopper_gpu_fails_before_downloading(
             self, tmp_path: Path, tiny_repo: dict[str, bytes], lora_bytes: bytes) -> None:  # noqa: F811
