@@ -2,10 +2,16 @@
 # Qwen-Image-Edit + Lightning LoRA as a RunPod serverless worker, with the model baked in.
 #
 #   docker build --platform linux/amd64 --build-arg MODEL_VARIANT=edit-2511 \
+#     [--build-arg FUSE_LIGHTNING=1 --build-arg PRECISION=int8 --build-arg TEXT_ENCODER_PRECISION=int8] \
 #     --secret id=hf_token,env=HF_TOKEN -t <you>/qwen-image-edit:2511 .
 #
 # Layers, slowest-changing first: system Python, pinned libraries, the baked model (tens of GB),
 # then the worker code, so a code change never re-downloads the weights.
+# FUSE_LIGHTNING=1 fuses the Lightning LoRA into the stored transformer (no LoRA work at start);
+# PRECISION / TEXT_ENCODER_PRECISION=int8 store those components quantised (about 1 byte a weight).
+# Both run on the build machine's CPU and hold the transformer in RAM (~41 GB for the fuse).  fp8
+# cannot be made without an Ada/Hopper GPU at build time (the bake stops with exit 2): bake bf16
+# and set PRECISION=fp8 at run time instead.  The run-time settings default to what was baked.
 ARG CUDA_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
 FROM ${CUDA_IMAGE}
 
@@ -33,17 +39,31 @@ COPY builder/requirements.txt /builder/requirements.txt
 RUN pip install --extra-index-url "${TORCH_INDEX_URL}" -r /builder/requirements.txt \
     && python -c "import sys, torch; cuda = torch.version.cuda or 'none'; sys.exit(0 if cuda.startswith('12.') else 'torch is built for CUDA ' + cuda + ', not 12.x: check TORCH_INDEX_URL')"
 
+# The bake imports the worker modules that fuse and quantise (prepare.py and what it imports), copied
+# here beside bake.py rather than installing the whole package first.  Trade-off: a change to these six
+# files re-runs the bake (download included), which is right since the stored weights depend on them;
+# a change anywhere else in the worker keeps the weights layer.  The files exist twice in the image
+# (a few KB).  The bake options are declared just before the step that uses them, for the same reason.
 COPY builder/bake.py /builder/bake.py
-COPY src/qwen_edit_worker/variants.py /builder/variants.py
+COPY src/qwen_edit_worker/__init__.py src/qwen_edit_worker/errors.py src/qwen_edit_worker/lightning.py \
+     src/qwen_edit_worker/precision.py src/qwen_edit_worker/prepare.py src/qwen_edit_worker/variants.py \
+     /builder/qwen_edit_worker/
+ARG FUSE_LIGHTNING=0
+ARG PRECISION=bf16
+ARG TEXT_ENCODER_PRECISION=bf16
 RUN --mount=type=secret,id=hf_token,required=false \
-    python /builder/bake.py --variant "${MODEL_VARIANT}" --model-revision "${MODEL_REVISION}" \
-        --lora-revision "${LORA_REVISION}" --dest /models
+    fuse=""; if [ "${FUSE_LIGHTNING}" = "1" ]; then fuse="--fuse-lightning"; fi \
+    && python /builder/bake.py --variant "${MODEL_VARIANT}" --model-revision "${MODEL_REVISION}" \
+        --lora-revision "${LORA_REVISION}" --dest /models ${fuse:+"$fuse"} \
+        --precision "${PRECISION}" --text-encoder-precision "${TEXT_ENCODER_PRECISION}"
 
 ENV MODEL_VARIANT=${MODEL_VARIANT} \
     HF_HUB_OFFLINE=1 \
     TRANSFORMERS_OFFLINE=1 \
     HF_HUB_DISABLE_TELEMETRY=1 \
     LIGHTNING=1 \
+    PRECISION=${PRECISION} \
+    TEXT_ENCODER_PRECISION=${TEXT_ENCODER_PRECISION} \
     ATTENTION_BACKEND=auto \
     MEMORY_SAVING=auto \
     OFFLOAD=auto \

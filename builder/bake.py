@@ -8,6 +8,15 @@ READMEs or pictures), checks every safetensors header and the LoRA's keys, write
 leaves a half-written model behind.
 
     python builder/bake.py --variant edit-2511 [--model-revision main] [--lora-revision main] [--dest /models]
+        [--fuse-lightning] [--precision bf16|int8|fp8] [--text-encoder-precision bf16|int8|fp8]
+
+Preparing at build time (qwen_edit_worker/prepare.py): --fuse-lightning fuses the Lightning LoRA
+into the transformer and stores the fused weights (the LoRA file is then not kept), so a cold start
+does no LoRA work; --precision and --text-encoder-precision store those components quantised
+(torchao, safetensors).  The manifest's `prepared` block records it; the worker skips that work
+and refuses settings that contradict it.  The fuse and int8 run on a CPU (the transformer is held
+in memory in its stored dtype: ~41 GB of RAM for the real model); torchao makes fp8 weights only on
+a machine with an Ada or Hopper GPU, so without one --precision fp8 is an error (exit 2).
 
 Layout (what the worker's MODEL_PATH and LORA_PATH defaults expect):
     <dest>/<variant>/model_index.json, transformer/, text_encoder/, vae/, ...
@@ -18,7 +27,7 @@ A token, when the repos need one, comes from HF_TOKEN or the file --token-file (
 /run/secrets/hf_token, where a BuildKit secret is mounted); it is never printed.  HF_ENDPOINT
 selects another hub (the tests serve a tiny model on loopback).
 Exit codes: 0 done, 2 bad arguments, 3 access refused, 4 disk too small, 5 download failed,
-6 verification failed.
+6 verification failed, 7 preparation (fuse or quantisation) failed.
 """
 
 from __future__ import annotations
@@ -37,10 +46,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-try:  # inside the package's checkout or install
-    from qwen_edit_worker.variants import VARIANTS, Variant
-except ModuleNotFoundError:  # in the image's build stage, variants.py is copied beside this script
-    from variants import VARIANTS, Variant  # type: ignore[no-redef]
+# In a checkout or install the package is importable; in the image's build stage the modules the
+# bake needs are copied to /builder/qwen_edit_worker/, beside this script (see the Dockerfile).
+from qwen_edit_worker import prepare as preparing
+from qwen_edit_worker.variants import VARIANTS, Variant
 
 log = logging.getLogger("bake")
 WEIGHT_FORMATS_SKIPPED = (".bin", ".pt", ".pth", ".ckpt", ".onnx", ".msgpack", ".h5", ".gguf", ".pb")
@@ -110,12 +119,17 @@ def lora_keys(path: Path) -> list[str]:
         return [k for k in json.loads(handle.read(length)) if k != "__metadata__"]
 
 
-def verify(folder: Path, lora: Path) -> None:
-    """Raise BakeError(6) unless every weight file is whole, the LoRA is a LoRA and the pipeline complete."""
+def verify_weights(folder: Path) -> None:
+    """Raise BakeError(6) unless every safetensors file in `folder` is whole."""
     for path in sorted(folder.rglob("*.safetensors")):
         problem = safetensors_problem(path)
         if problem:
             raise BakeError(6, f"{path.relative_to(folder)}: {problem}")
+
+
+def verify(folder: Path, lora: Path) -> None:
+    """Raise BakeError(6) unless every weight file is whole, the LoRA is a LoRA and the pipeline complete."""
+    verify_weights(folder)
     keys = lora_keys(lora)
     bad = [k for k in keys if not LORA_KEY.match(k)]
     if not keys or bad or not any(k.endswith(("lora_down.weight", "lora_A.weight")) for k in keys):
@@ -130,8 +144,15 @@ def verify(folder: Path, lora: Path) -> None:
             raise BakeError(6, f"model_index.json names {name!r} but {name}/ has no configuration")
 
 
-def bake(variant: Variant, dest: Path, model_revision: str, lora_revision: str, token: str | None) -> Path:
+def bake(variant: Variant, dest: Path, model_revision: str, lora_revision: str, token: str | None,
+         fuse: bool = False, precision: str = "bf16", text_encoder_precision: str = "bf16") -> Path:
     from huggingface_hub import HfApi, hf_hub_download
+
+    for flag, value in (("--precision", precision), ("--text-encoder-precision", text_encoder_precision)):
+        try:  # before any download: an fp8 bake on a machine that cannot make fp8 fails now
+            preparing.check_can_quantise(flag, value)
+        except preparing.PrepareError as err:
+            raise BakeError(2, str(err)) from None
 
     final = dest / variant.name
     if final.exists():
@@ -158,6 +179,9 @@ def bake(variant: Variant, dest: Path, model_revision: str, lora_revision: str, 
                       for path in sizes if path.endswith(".safetensors.index.json")}
         files = select_files(sizes, index, shard_maps)
         total = sum(sizes[p] for p in files) + lora_sizes[variant.lora_file]
+        rewritten = [c for c, on in (("transformer", fuse or precision != "bf16"),
+                                     ("text_encoder", text_encoder_precision != "bf16")) if on]
+        total += max((sum(sizes[p] for p in files if p.startswith(f"{c}/")) for c in rewritten), default=0)
         free = shutil.disk_usage(dest).free
         if total + FREE_SPACE_MARGIN > free:
             raise BakeError(4, f"the model needs {total / 1e9:.1f} GB and {dest} has {free / 1e9:.1f} GB free; "
@@ -173,15 +197,25 @@ def bake(variant: Variant, dest: Path, model_revision: str, lora_revision: str, 
         fetched.replace(lora)
         _remove_extras(staging, set(files))
         verify(staging, lora)
+        prepared = None
+        if fuse or precision != "bf16" or text_encoder_precision != "bf16":
+            try:
+                prepared = preparing.prepare(staging, lora if fuse else None, f"{variant.lora_repo}@{lora_info.sha}",
+                                             precision, text_encoder_precision)
+            except preparing.PrepareError as err:
+                raise BakeError(7, str(err)) from None
+            verify_weights(staging)
+        on_disk = sorted(p.relative_to(staging).as_posix() for p in staging.rglob("*") if p.is_file())
         manifest = {
             "variant": variant.name,
             "baked_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "model": {"repo": variant.repo, "revision": model_revision, "commit": model.sha},
             "lora": {"repo": variant.lora_repo, "file": variant.lora_file, "revision": lora_revision,
                      "commit": lora_info.sha},
-            "files": [{"path": p, "bytes": (staging / p).stat().st_size} for p in files]
-                     + [{"path": f"lightning/{variant.lora_basename}", "bytes": lora.stat().st_size}],
+            "files": [{"path": p, "bytes": (staging / p).stat().st_size} for p in on_disk],
         }
+        if prepared is not None:
+            manifest["prepared"] = prepared
         manifest["total_bytes"] = sum(f["bytes"] for f in manifest["files"])
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
         staging.replace(final)
@@ -253,11 +287,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--lora-revision", default="main")
     parser.add_argument("--dest", type=Path, default=Path("/models"))
     parser.add_argument("--token-file", type=Path, default=Path("/run/secrets/hf_token"))
+    parser.add_argument("--fuse-lightning", action="store_true",
+                        help="fuse the Lightning LoRA into the transformer and store it fused (no LoRA work at start)")
+    parser.add_argument("--precision", default="bf16", help="transformer as stored: bf16, int8 or fp8 (fp8 needs "
+                        "an Ada/Hopper GPU on the build machine; quantised after the fuse)")
+    parser.add_argument("--text-encoder-precision", default="bf16",
+                        help="text encoder as stored: bf16, int8 or fp8 (the vision tower stays bf16)")
     args = parser.parse_args(argv)
     try:
         if args.variant not in VARIANTS:
             raise BakeError(2, f"unknown variant {args.variant!r}; choose one of {', '.join(VARIANTS)}")
-        bake(VARIANTS[args.variant], args.dest, args.model_revision, args.lora_revision, read_token(args.token_file))
+        bake(VARIANTS[args.variant], args.dest, args.model_revision, args.lora_revision, read_token(args.token_file),
+             args.fuse_lightning, args.precision.lower(), args.text_encoder_precision.lower())
     except BakeError as err:
         log.error("%s", err)
         return err.code

@@ -38,12 +38,13 @@ def test_gpu_dry_run_flop_table_matches_the_facts() -> None:
 
 
 def test_gpu_timing_path_on_the_tiny_model() -> None:
-    out = run("gpu", "--tiny", "--json", "--compile", "off", "--precision", "bf16,fp8", "--backends", "native")
+    out = run("gpu", "--tiny", "--json", "--compile", "off", "--precision", "bf16,int8,fp8", "--backends", "native")
     assert out.returncode == 0, out.stderr[-2000:]
     rows = json.loads(out.stdout)["rows"]
     timed = [r for r in rows if r.get("backend") == "native"]
     assert timed and len(timed[0]["step_ms"].split("/")) == 3 and timed[0]["total_ms"] > 0
     assert any("PRECISION: fp8 needs a CUDA GPU" in r.get("note", "") for r in rows)
+    assert any(r.get("precision") == "int8" and r.get("total_ms", 0) > 0 for r in rows)  # int8 runs on a CPU
 
 
 def test_overhead() -> None:
@@ -59,3 +60,26 @@ def test_coldstart_on_a_saved_tiny_folder() -> None:
     assert out.returncode == 0, out.stderr[-2000:]
     [row] = json.loads(out.stdout)["rows"]
     assert 0 < row["ready_s"] < row["first_image_s"] and row["folder_gb"] > 0
+
+
+def test_gpu_bytes_table_from_the_real_configs() -> None:
+    out = run("gpu", "--bytes", "--json")
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout)
+    rows = {(r["variant"], r["bake"]): r for r in result["rows"]}
+    today, int8 = rows[("edit-2511", "bf16 (today)")], rows[("edit-2511", "fused, int8, text encoder int8")]
+    assert today["transformer_gb"] == pytest.approx(2 * 20.43, abs=0.02)  # bf16: 2 bytes a parameter
+    assert today["image_gb"] == pytest.approx(57.7, abs=0.1)  # facts.md section 2
+    assert 0.5 < int8["transformer_gb"] / today["transformer_gb"] < 0.52  # ~1 byte a parameter, scales included
+    assert int8["text_encoder_gb"] < today["text_encoder_gb"] and "not read" in int8["lora_file"]
+    at_load = rows[("edit-2511", "bf16, PRECISION=int8 at load")]
+    assert at_load["read_at_start_gb"] == today["read_at_start_gb"] and at_load["held_gb"] < today["held_gb"]
+
+
+def test_gpu_deviation_against_bf16_on_the_tiny_model() -> None:
+    out = run("gpu", "--tiny", "--json", "--deviation", "int8,fp8")
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = json.loads(out.stdout)["rows"]
+    int8 = [r for r in rows if r["transformer"] == "int8"]
+    assert len(int8) == 2 and all(0 < r["step_rel_l2_pct"] < 100 and 0 < r["pixels_rel_l2_pct"] < 100 for r in int8)
+    assert all("fp8 needs a CUDA GPU" in r["note"] for r in rows if r["transformer"] == "fp8")

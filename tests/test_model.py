@@ -121,13 +121,13 @@ class TestOffload:
 
 class TestPrecisionAndCompile:
     def test_fp8_needs_a_float8_gpu(self) -> None:
-        from qwen_edit_worker import speedups
+        from qwen_edit_worker import precision
 
         error = Worker({"TINY_MODEL": "1", "WARMUP": "0", "PRECISION": "fp8"}).handle(small_job())["error"]
-        assert error == "PRECISION: fp8 needs a CUDA GPU with float8 units (Ada or Hopper); use bf16"
+        assert error == "PRECISION: fp8 needs a CUDA GPU with float8 units (Ada or Hopper); use bf16 or int8"
         with pytest.raises(ModelLoadError, match="compute capability 8.9 or newer .* this GPU is 8.0"):
-            speedups.check_precision("fp8", True, (8, 0))  # an A100
-        speedups.check_precision("fp8", True, (9, 0))  # an H100 passes the check
+            precision.check("fp8", "PRECISION", True, (8, 0))  # an A100
+        precision.check("fp8", "PRECISION", True, (9, 0))  # an H100 passes the check
 
     def test_regional_compile_is_warmed_at_load_and_matches_eager(self, worker_for: Callable[..., Worker]) -> None:
         from torch._dynamo.utils import counters

@@ -37,6 +37,7 @@ class TestEdits:
         assert out["model"] == {"variant": variant, "lightning": True, "steps": 3, "attention_backend": "native",
                                 "attention_choice": "auto: no CUDA device", "attention_ms": {},
                                 "memory_saving": [], "offload": "none", "precision": "bf16", "compile": "off",
+                                "text_encoder_precision": "bf16", "lightning_fused": "load",
                                 "placement": {"offload": "none", "need_gb": 0.0, "gpu_gb": None,
                                               "moved_per_job_gb": 0.0,
                                               "reason": "no GPU: every component runs on the CPU"},

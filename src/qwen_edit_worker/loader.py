@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import accel, attention, lightning, placement, sources, speedups
+from . import accel, attention, lightning, placement, precision, sources, speedups
 from .errors import ModelLoadError
 from .settings import Settings
 
@@ -38,6 +38,7 @@ class LoadedModel:
     source: str
     lora_layers: int
     manifest: dict[str, str] | None = None
+    lightning_fused: str | None = None  # where the Lightning LoRA was fused: "bake", "load", or None (base model)
     load_seconds: float = 0.0
 
     def info(self, steps: int) -> dict[str, Any]:
@@ -53,6 +54,8 @@ class LoadedModel:
             "offload": self.placement.offload,
             "placement": self.placement.info(),
             "precision": self.settings.precision,
+            "text_encoder_precision": self.settings.text_encoder_precision,
+            "lightning_fused": self.lightning_fused,
             "compile": self.settings.compile,
             "dtype": self.dtype,
             "device": self.device,
@@ -80,7 +83,7 @@ def load_model(settings: Settings) -> LoadedModel:
         _check_folder(source.path)
     if settings.offload not in ("auto", "none"):
         accel.check_offload(settings.offload, cuda)  # fail before reading 58 GB of weights
-    speedups.check_precision(settings.precision, cuda, torch.cuda.get_device_capability(0) if cuda else None)
+    _check_precisions(settings, source, cuda, torch.cuda.get_device_capability(0) if cuda else None)
     gpu_bytes = torch.cuda.get_device_properties(0).total_memory if cuda else None
     # Decided from the safetensors headers before any weight is read (the tiny model: after building).
     plan = None if source is None else _plan(settings, source.path, gpu_bytes)
@@ -91,18 +94,14 @@ def load_model(settings: Settings) -> LoadedModel:
         plan = placement.plan(_resident_bytes(pipe), gpu_bytes, mode=settings.offload)
     if cuda and not straight and _transformer_fits(source, gpu_bytes):
         pipe.transformer.to(device)  # fuse and quantise on the GPU; the placement below takes it from there
-    lora_layers = 0
-    if settings.lightning:
-        pipe.scheduler = lightning.lightning_scheduler(pipe.scheduler)
-        lora_path, setting = _lora_path(settings, source)
-        lora_layers = lightning.fuse_lightning(pipe, lora_path, setting)
-    if settings.precision == "fp8":
-        speedups.quantize_fp8(pipe.transformer)  # after the fuse: never a bf16 LoRA over fp8 weights
+    lora_layers, fused_at = _apply_lightning(pipe, settings, source)
+    _quantise_transformer(pipe, settings, source)  # after the fuse: never a bf16 LoRA over quantised weights
     attention.apply(pipe.transformer, chosen.backend)
     if settings.compile == "regional":
         speedups.compile_regional(pipe.transformer)
     if plan.offload != "none":
         pipe.transformer.to("cpu")
+    _quantise_text_encoder(pipe, settings, source, device)
     accel.place(pipe, plan.offload, cuda)
 
     gpu_name = torch.cuda.get_device_name(0) if cuda else None
@@ -111,14 +110,15 @@ def load_model(settings: Settings) -> LoadedModel:
     model = LoadedModel(
         pipe=pipe, settings=settings, device=device, dtype=str(dtype).removeprefix("torch."), gpu_name=gpu_name,
         attention=chosen, placement=plan, memory_saving=saving, source="tiny" if source is None else str(source.path),
-        lora_layers=lora_layers, manifest=None if source is None else source.manifest(),
+        lora_layers=lora_layers, manifest=None if source is None else source.manifest(), lightning_fused=fused_at,
     )
     model.load_seconds = time.perf_counter() - started
     log.info(
-        "model ready in %.1f s: variant=%s from %s device=%s%s dtype=%s precision=%s lightning=%s (%d LoRA "
-        "layers) attention=%s memory_saving=%s offload=%s compile=%s", model.load_seconds, settings.variant.name,
-        model.source, device, f" ({gpu_name})" if gpu_name else "", model.dtype, settings.precision,
-        settings.lightning, lora_layers, chosen.backend, ",".join(saving) or "off", plan.offload, settings.compile,
+        "model ready in %.1f s: variant=%s from %s device=%s%s dtype=%s precision=%s text_encoder_precision=%s "
+        "lightning=%s (fused at %s, %d LoRA layers at load) attention=%s memory_saving=%s offload=%s compile=%s",
+        model.load_seconds, settings.variant.name, model.source, device, f" ({gpu_name})" if gpu_name else "",
+        model.dtype, settings.precision, settings.text_encoder_precision, settings.lightning, fused_at or "-",
+        lora_layers, chosen.backend, ",".join(saving) or "off", plan.offload, settings.compile,
     )
     return model
 
@@ -151,7 +151,7 @@ def _check_folder(path: Path) -> None:
 
 def _plan(settings: Settings, path: Path, gpu_bytes: int | None) -> placement.Plan:
     """The placement for the folder's components at the precisions they will run in; logged with its numbers."""
-    sizes = placement.model_bytes(path, settings.precision, "bf16")
+    sizes = placement.model_bytes(path, settings.precision, settings.text_encoder_precision)
     plan = placement.plan(sizes, gpu_bytes, mode=settings.offload)
     log.info("placement: offload=%s (%s); component GB: %s", plan.offload, plan.reason,
              ", ".join(f"{k}={v / placement.GB:.1f}" for k, v in sizes.items()))
@@ -181,6 +181,50 @@ def _resident_bytes(pipe: Any) -> dict[str, int]:
     """Bytes of each component's parameters and buffers as they sit in memory now."""
     return {name: sum(t.numel() * t.element_size() for t in (*part.parameters(), *part.buffers()))
             for name in placement.COMPONENTS if (part := getattr(pipe, name, None)) is not None}
+
+
+# --- Lightning and precision: what the bake already did is skipped, the rest is done here. ---
+
+def _check_precisions(settings: Settings, source: sources.ModelSource | None, cuda: bool,
+                      capability: tuple[int, int] | None) -> None:
+    """Before any weight is read: precisions this machine cannot run, settings that contradict the bake."""
+    precision.check(settings.precision, "PRECISION", cuda, capability)
+    precision.check(settings.text_encoder_precision, "TEXT_ENCODER_PRECISION", cuda, capability)
+    if source is not None:
+        source.check_settings(settings.lightning, settings.lora_path, settings.precision,
+                              settings.text_encoder_precision)
+
+
+def _apply_lightning(pipe: Any, settings: Settings, source: sources.ModelSource | None) -> tuple[int, str | None]:
+    """Lightning scheduler, and the LoRA fused unless the bake fused it; (layers fused now, where fused)."""
+    if not settings.lightning:
+        return 0, None
+    pipe.scheduler = lightning.lightning_scheduler(pipe.scheduler)
+    if source is not None and source.fused_lora:
+        log.info("Lightning LoRA %s was fused into the transformer at bake time: no LoRA work now", source.fused_lora)
+        return 0, "bake"
+    lora_path, setting = _lora_path(settings, source)
+    return lightning.fuse_lightning(pipe, lora_path, setting), "load"
+
+
+def _baked(source: sources.ModelSource | None) -> tuple[str, str]:
+    return ("bf16", "bf16") if source is None else (source.transformer_precision, source.text_encoder_precision)
+
+
+def _quantise_transformer(pipe: Any, settings: Settings, source: sources.ModelSource | None) -> None:
+    # check_settings allows only an equal precision or a bf16 bake: quantise only the latter.
+    if settings.precision != _baked(source)[0]:
+        precision.quantise_transformer(pipe.transformer, settings.precision)
+
+
+def _quantise_text_encoder(pipe: Any, settings: Settings, source: sources.ModelSource | None, device: str) -> None:
+    if settings.text_encoder_precision == _baked(source)[1]:
+        return
+    encoder = pipe.text_encoder
+    home = encoder.device
+    encoder.to(device)  # quantise where it runs (torchao creates fp8 only beside an sm89 GPU); offload moves it back
+    precision.quantise_text_encoder(encoder, settings.text_encoder_precision)
+    encoder.to(home)
 
 
 def _lora_path(settings: Settings, source: sources.ModelSource | None) -> tuple[Path, str]:

@@ -14,12 +14,12 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from .errors import SettingsError
+from .precision import PRECISIONS
 from .variants import DEFAULT_VARIANT, VARIANTS, Variant
 
 ATTENTION_BACKENDS = ("auto", "native", "xformers", "flash", "_native_cudnn", "_native_flash", "_native_efficient")
 MEMORY_SAVING_MODES = ("auto", "on", "off")
 OFFLOAD_MODES = ("auto", "none", "text_encoder", "model", "group")
-PRECISIONS = ("bf16", "fp8")
 COMPILE_MODES = ("off", "regional")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 _TRUE = ("1", "true", "yes", "on")
@@ -36,7 +36,10 @@ SETTINGS: dict[str, tuple[str, str]] = {
     "ATTENTION_BACKEND": ("auto", "auto (fastest measured at load) | native | xformers | flash | _native_cudnn | "
                                     "_native_flash | _native_efficient"),
     "MEMORY_SAVING": ("auto", "auto | on | off (auto: on for GPUs under 48 GB)"),
-    "PRECISION": ("bf16", "bf16 | fp8: fp8 quantises the transformer (torchao) after the LoRA is fused"),
+    "PRECISION": ("bf16", "bf16 | int8 | fp8: the transformer's linear layers quantised (torchao) after the LoRA "
+                          "is fused; int8 needs sm80+ (Ampere), fp8 sm89+ (Ada, Hopper); must match a quantised bake"),
+    "TEXT_ENCODER_PRECISION": ("bf16", "bf16 | int8 | fp8: the text encoder's language-model linear layers "
+                                       "quantised (torchao); the vision tower stays bf16; must match the bake"),
     "COMPILE": ("off", "off | regional: compile the repeated transformer block at load (torch.compile)"),
     "OFFLOAD": ("auto", "auto (fastest placement that fits this GPU) | none | text_encoder | model | group"),
     "WARMUP": ("1", "1: start loading the model in the background at worker start"),
@@ -65,6 +68,7 @@ class Settings:
     attention_backend: str
     memory_saving: str
     precision: str
+    text_encoder_precision: str
     compile: str
     offload: str
     warmup: bool
@@ -106,6 +110,7 @@ class Settings:
             attention_backend=_choice("ATTENTION_BACKEND", raw("ATTENTION_BACKEND").lower(), ATTENTION_BACKENDS),
             memory_saving=_choice("MEMORY_SAVING", raw("MEMORY_SAVING").lower(), MEMORY_SAVING_MODES),
             precision=_choice("PRECISION", raw("PRECISION").lower(), PRECISIONS),
+            text_encoder_precision=_choice("TEXT_ENCODER_PRECISION", raw("TEXT_ENCODER_PRECISION").lower(), PRECISIONS),
             compile=_choice("COMPILE", raw("COMPILE").lower(), COMPILE_MODES),
             offload=_choice("OFFLOAD", raw("OFFLOAD").lower(), OFFLOAD_MODES),
             warmup=_flag("WARMUP", raw("WARMUP")),

@@ -5,6 +5,11 @@ builder/bake.py's manifest.json (repos and commit hashes); RunPod's cached model
 volumes use the Hugging Face cache layout (`models--ORG--NAME/snapshots/<commit>/`), whose
 commit is the snapshot's name.  MODEL_PATH may point at a baked folder, a snapshot, or a cache
 repo folder (`.../models--Qwen--Qwen-Image-Edit-2511`, resolved through refs/main).  Pure: no torch.
+
+A bake can also have done work ahead (manifest `prepared`: the Lightning LoRA fused into the
+transformer, components stored quantised).  The loader skips that work, and a setting that
+contradicts it is a load error naming the setting and the bake (`check_settings`), before any
+weight is read.
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import ModelLoadError
+from .precision import PRECISIONS
 from .variants import Variant
 
 log = logging.getLogger(__name__)
@@ -25,6 +32,9 @@ class ModelSource:
     kind: str  # "baked", "huggingface-cache" or "folder"
     model: str | None  # "ORG/NAME@commit" when known
     lora: str | None  # the LoRA's "ORG/NAME@commit" when known (from the manifest)
+    fused_lora: str | None = None  # "ORG/NAME@commit" of the LoRA the bake fused into the transformer
+    transformer_precision: str = "bf16"  # as stored (bake --precision)
+    text_encoder_precision: str = "bf16"  # as stored (bake --text-encoder-precision)
 
     def manifest(self) -> dict[str, str] | None:
         """The job output's `model.manifest`: short commits of the weights that answered."""
@@ -41,6 +51,33 @@ class ModelSource:
         snapshot = _snapshot(cache_repo)
         return snapshot / variant.lora_file if snapshot else baked
 
+    def check_settings(self, lightning: bool, lora_path: Path | None, precision: str,
+                       text_encoder_precision: str) -> None:
+        """Raise ModelLoadError when a setting contradicts what the bake already did."""
+        where = f"{self.path / 'manifest.json'} says"
+        if self.fused_lora:
+            if not lightning:
+                raise ModelLoadError("LIGHTNING", f"0 (the base model) contradicts the bake: {where} the Lightning "
+                                                  f"LoRA {self.fused_lora} is fused into the transformer; set "
+                                                  "LIGHTNING=1, or bake without --fuse-lightning")
+            if lora_path is not None:
+                raise ModelLoadError("LORA_PATH", f"is set ({lora_path}) but {where} the Lightning LoRA "
+                                                  f"{self.fused_lora} is already fused into the transformer (a "
+                                                  "second fuse would add it twice); leave LORA_PATH empty, or bake "
+                                                  "without --fuse-lightning")
+        elif lightning and self.transformer_precision != "bf16":
+            raise ModelLoadError("LIGHTNING", f"1 needs the Lightning LoRA fused before quantisation, but {where} the "
+                                              f"transformer was baked {self.transformer_precision} without it; bake "
+                                              "with --fuse-lightning, or set LIGHTNING=0")
+        for setting, wanted, baked, component, flag in (
+            ("PRECISION", precision, self.transformer_precision, "transformer", "--precision"),
+            ("TEXT_ENCODER_PRECISION", text_encoder_precision, self.text_encoder_precision, "text encoder",
+             "--text-encoder-precision"),
+        ):
+            if baked != "bf16" and wanted != baked:
+                raise ModelLoadError(setting, f"{wanted} contradicts the bake: {where} the {component} was baked "
+                                              f"{baked}; set {setting}={baked}, or bake with {flag} {wanted}")
+
 
 def resolve(path: Path) -> ModelSource:
     """Describe the model folder at `path` (not checked for completeness here: the loader does)."""
@@ -56,9 +93,20 @@ def resolve(path: Path) -> ModelSource:
         try:
             manifest = json.loads(manifest_file.read_text())
             model, lora = manifest["model"], manifest["lora"]
-            return ModelSource(path, "baked", f"{model['repo']}@{model['commit']}", f"{lora['repo']}@{lora['commit']}")
-        except (ValueError, KeyError, TypeError) as err:
+            prepared = manifest.get("prepared") or {}
+            stored = prepared.get("precision") or {}
+            source = ModelSource(path, "baked", f"{model['repo']}@{model['commit']}",
+                                 f"{lora['repo']}@{lora['commit']}", prepared.get("fused_lora"),
+                                 stored.get("transformer", "bf16"), stored.get("text_encoder", "bf16"))
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
             log.warning("ignoring unreadable %s (%s)", manifest_file, type(err).__name__)
+        else:
+            for component, value in (("transformer", source.transformer_precision),
+                                     ("text_encoder", source.text_encoder_precision)):
+                if value not in PRECISIONS:
+                    raise ModelLoadError("MODEL_PATH", f"{manifest_file} records {component} precision {value!r}; "
+                                                       f"this worker loads {', '.join(PRECISIONS)}")
+            return source
     return ModelSource(path, "folder", None, None)
 
 

@@ -1,0 +1,123 @@
+"""Precision: which weights are quantised, to what, on which GPUs, with which torchao configuration.
+
+Why this exists: the transformer (20.4 B parameters) and the text encoder (8.3 B) are most of
+the 58 GB a worker reads and holds, and their matrix products are most of a job's arithmetic.
+Quantising them is what lets the model fit a 24 or 48 GB GPU without offload, and it is done in
+two places that must agree: at build time (builder/bake.py stores the quantised weights) and at
+load time (the worker quantises bf16 weights itself).  Both use the definitions here.
+
+- `int8`: int8 weights (per-row scales) and int8 activations quantised on the fly
+  (torchao `Int8DynamicActivationInt8WeightConfig`; `torch._int_mm`).  The int8 matrix units
+  exist from Ampere (sm80) on; the same kernels also run on a CPU, which makes int8 testable.
+- `fp8`: float8 e4m3 weights and activations with per-row scales
+  (`Float8DynamicActivationFloat8WeightConfig`).  Ada and Hopper (sm89+) only; torchao refuses
+  to create it on any machine without such a GPU, CPU tensors included.
+
+Which layers: every `nn.Linear` of the transformer (after the Lightning LoRA is fused: a bf16
+LoRA over quantised weights gave grid artifacts upstream).  In the text encoder, the language
+model's linear layers and `lm_head`; the vision tower (`model.visual`, 0.67 B parameters, 8% of
+the encoder, run once per job on a 384x384 picture) stays bf16: it is the part that reads the
+picture, and keeping it exact costs little memory.  `lm_head` is quantised because the pipeline
+uses the encoder's hidden states, never its logits: its precision cannot change an edit, and int8
+saves ~0.5 GB (skipped when it shares its weight with the input embedding).  Embeddings are
+lookups, not matrix products, and stay as they are.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from .errors import ModelLoadError
+
+log = logging.getLogger(__name__)
+PRECISIONS = ("bf16", "int8", "fp8")  # the values of PRECISION and TEXT_ENCODER_PRECISION
+QUANTISED = PRECISIONS[1:]
+MIN_CAPABILITY = {"int8": (8, 0), "fp8": (8, 9)}
+GPU_NAMES = {"int8": "Ampere, Ada or Hopper", "fp8": "Ada or Hopper"}
+TEXT_ENCODER_KEPT = ("model.visual",)  # module prefixes the text encoder keeps in bf16
+# Stored bytes of one quantised linear weight, as torchao 0.18 saves it: (per element, per output row).
+# int8: int8 qdata, a float32 scale and an int8 zero point per row; fp8: e4m3 qdata, a float32 scale per row.
+STORED_BYTES = {"bf16": (2, 0), "int8": (1, 5), "fp8": (1, 4)}
+
+
+def check(precision: str, setting: str, cuda: bool, capability: tuple[int, int] | None) -> None:
+    """Raise ModelLoadError naming `setting` when this machine cannot run `precision`.
+
+    int8 runs on a CPU (slowly) and on CUDA GPUs of compute capability 8.0+; fp8 needs 8.9+.
+    """
+    if precision not in QUANTISED:
+        return
+    need = MIN_CAPABILITY[precision]
+    if not cuda or capability is None:
+        if precision == "fp8":
+            raise ModelLoadError(setting, "fp8 needs a CUDA GPU with float8 units (Ada or Hopper); use bf16 or int8")
+        return
+    if capability < need:
+        raise ModelLoadError(setting, f"{precision} needs compute capability {need[0]}.{need[1]} or newer "
+                                      f"({GPU_NAMES[precision]}); this GPU is {capability[0]}.{capability[1]}; "
+                                      f"use {'bf16 or int8' if capability >= (8, 0) else 'bf16'}")
+
+
+def linear_weight_bytes(rows: int, columns: int, precision: str) -> int:
+    """Bytes a (rows x columns) linear weight takes when stored at `precision` (scales included)."""
+    per_element, per_row = STORED_BYTES[precision]
+    return rows * columns * per_element + rows * per_row
+
+
+def torchao_config(precision: str) -> Any:
+    """The torchao configuration for `precision` (int8 or fp8)."""
+    from torchao.quantization import (
+        Float8DynamicActivationFloat8WeightConfig,
+        Int8DynamicActivationInt8WeightConfig,
+        PerRow,
+    )
+
+    if precision == "int8":
+        return Int8DynamicActivationInt8WeightConfig()
+    if precision == "fp8":
+        return Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
+    raise ValueError(f"no quantisation for precision {precision!r}")
+
+
+def text_encoder_kept(tied_lm_head: bool) -> list[str]:
+    """Text-encoder modules that stay unquantised (transformers' `modules_to_not_convert` form)."""
+    return [*TEXT_ENCODER_KEPT, *(["lm_head"] if tied_lm_head else [])]
+
+
+def lm_head_tied(text_encoder: Any) -> bool:
+    head, embed = text_encoder.get_output_embeddings(), text_encoder.get_input_embeddings()
+    return head is not None and embed is not None and head.weight is embed.weight
+
+
+def quantise_transformer(transformer: Any, precision: str) -> None:
+    """Quantise every linear layer of the transformer in place (after the LoRA is fused)."""
+    from torchao.quantization import quantize_
+
+    started = time.perf_counter()
+    quantize_(transformer, torchao_config(precision))
+    log.info("precision: transformer quantised to %s in %.1f s", precision, time.perf_counter() - started)
+
+
+def quantise_text_encoder(text_encoder: Any, precision: str) -> None:
+    """Quantise the text encoder's language-model linear layers (and untied lm_head) in place."""
+    import torch
+    from torchao.quantization import quantize_
+
+    kept = tuple(f"{p}." for p in text_encoder_kept(lm_head_tied(text_encoder)))
+
+    def chosen(module: Any, fqn: str) -> bool:
+        return isinstance(module, torch.nn.Linear) and not f"{fqn}.".startswith(kept)
+
+    started = time.perf_counter()
+    quantize_(text_encoder, torchao_config(precision), filter_fn=chosen)
+    log.info("precision: text encoder quantised to %s in %.1f s (vision tower kept)", precision,
+             time.perf_counter() - started)
+
+
+def quantised_linears(module: Any) -> int:
+    """How many linear layers of `module` hold torchao-quantised weights (for tests and logs)."""
+    from torchao.utils import TorchAOBaseTensor
+
+    return sum(isinstance(getattr(m, "weight", None), TorchAOBaseTensor) for m in module.modules())
