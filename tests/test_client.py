@@ -15,8 +15,8 @@ from PIL import Image
 from api_server import serve_api
 from conftest import encode_picture, picture
 from fake_runpod import DELAY_MS, EXECUTION_MS, FakeRunPod
-from qwen_edit_worker.client.cli import main
-from qwen_edit_worker.client.report import cost_report, read_logs
+from qwen_edit_client.cli import main
+from qwen_edit_client.report import cost_report, read_logs
 from qwen_edit_worker.worker import Worker
 
 KEY = "rpa_test_key"
@@ -109,7 +109,11 @@ def test_failed_job_shows_the_workers_error(fake: FakeRunPod, pictures: Path, tm
     assert record["status"] == "FAILED" and record["executionTime"] == EXECUTION_MS
 
 
-def test_against_the_workers_local_http_api(tmp_path: Path, pictures: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_against_the_workers_local_http_api(tmp_path: Path, pictures: Path, monkeypatch: pytest.MonkeyPatch,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """Regression: the local API's records have no RunPod executionTime/delayTime, and `qwen-edit cost`
+    (and --plot) on such a log exited 2 with "zip() argument 2 is longer than argument 1".  Now every
+    log it writes gives a report, with the worker's own timing and the figures' sources named."""
     monkeypatch.delenv("RUNPOD_API_KEY", raising=False)
     with serve_api(tmp_path) as api:
         for mode in ([], ["--sync"]):
@@ -120,6 +124,27 @@ def test_against_the_workers_local_http_api(tmp_path: Path, pictures: Path, monk
             assert pixels.shape == (208, 320, 3)  # photo0 is 3:2; 0.0625 MP at 3:2
             [record] = lines(out / "edits.jsonl")
             assert record["status"] == "COMPLETED" and record["timing"]["steps"] == 3
+            assert record["executionTime"] is None and record["delayTime"] is None  # what the local API gives
+    capsys.readouterr()
+    for mode in (0, 1):
+        log, chart = tmp_path / f"out{mode}" / "edits.jsonl", tmp_path / f"cost{mode}.png"
+        assert main(["cost", str(log), "--plot", str(chart)]) == 0
+        printed = capsys.readouterr().out
+        assert "worker timing.total_ms: 1" in printed and "client clock (round trip - execution): 1" in printed
+        assert "(no GPU price in the logs: pass --price)" in printed  # a CPU worker has no price
+        with Image.open(chart) as img:
+            assert img.format == "PNG"
+        assert main(["cost", str(log), "--json", "--price", "0.001", "--idle-timeout", "0"]) == 0
+        report = json.loads(capsys.readouterr().out)
+        [record] = lines(log)
+        execution = record["timing"]["total_ms"] / 1000
+        assert report["execution_s"]["mean"] == pytest.approx(execution)
+        assert report["sources"]["execution_s"] == {"worker timing.total_ms": 1}
+        assert report["sources"]["usd_per_image"] == {"execution x price": 1}
+        assert report["usd_per_image"]["mean"] == pytest.approx(execution * 0.001)
+        cold_s = report["delay_s"]["mean"] if record["timing"]["cold_start"] else 0.0  # the client-clock delay
+        assert report["billed_s"]["cold_start"] == pytest.approx(cold_s)
+        assert report["usd_per_image_all_in"] == pytest.approx((execution + cold_s) * 0.001)  # idle timeout 0
 
 
 KNOWN = [  # four jobs with hand-checkable numbers (see test_cost_report_known_numbers)
