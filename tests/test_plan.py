@@ -67,6 +67,8 @@ class TestHandWorkedCases:
         assert result["billed_s"]["active"] == 210 and result["billed_s"]["total"] == 210
         assert result["usd_per_image"] == pytest.approx(210 * ACTIVE / 3)
         assert (result["latency_s"]["p95"], result["cold_start_share"], result["cold_starts"]) == (10, 0, 0)
+        day = simulate(endpoint(active_workers=1), every(100, 3, 10), window_s=86400)  # the jobs are all of a day
+        assert day["billed_s"]["active"] == 86400 and day["usd_per_image"] == pytest.approx(86400 * ACTIVE / 3)
         both = simulate(endpoint(active_workers=1, max_workers=2), [Job(0, 10)] * 2)
         # active 0-13 (the last job ends at 13) at the active price; flex 3 + 10 + 5 = 18 s at the flex price
         assert both["billed_s"] == pytest.approx({"execution": 10, "idle": 5, "cold_start": 3, "rounding": 0,

@@ -118,6 +118,9 @@ def add_plan(commands: Any) -> None:
     p.add_argument("--active-discount", type=float, metavar="FRACTION",
                    help="active workers' discount off the flex price (default: RunPod's published active "
                    f"price per class, {catalog.DEFAULT_ACTIVE_DISCOUNT:g} where none is published)")
+    p.add_argument("--window", type=float, default=0.0, metavar="SECONDS",
+                   help="the period the jobs stand for: active workers are billed at least this long "
+                   "(default: the jobs' span, as if the traffic repeats)")
     p.add_argument("--grid", action="store_true", help="grid over GPU classes with a figure x idle timeouts "
                    "1,5,15,60 x max workers 1,2,3,5 x active workers 0,1 (options given replace their list)")
     p.add_argument("--p95", type=float, metavar="SECONDS", help="recommend the cheapest with p95 latency within this")
@@ -192,7 +195,7 @@ def run_plan(args: argparse.Namespace) -> int:
                      pick(args.active_workers, plan.DEFAULT_GRID["active_workers"], [0]),
                      pick(args.idle_timeout, plan.DEFAULT_GRID["idle_timeout_s"], [5.0]),
                      args.flashboot or [True], args.concurrency, args.cold_start, args.flashboot_cold_start,
-                     args.price, args.active_discount)
+                     args.price, args.active_discount, args.window)
     results = plan.run_plan(arrivals, execution, grid)
     chosen = plan.recommend(results, args.p95)
     if args.json:

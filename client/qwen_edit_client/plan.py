@@ -132,6 +132,7 @@ class Grid:
     flashboot_cold_start_s: float = catalog.FLASHBOOT_COLD_START_S
     price: float | None = None  # replaces every class's flex price
     active_discount: float | None = None  # replaces RunPod's published discount
+    window_s: float = 0.0  # the period the jobs stand for: active workers bill at least this long
 
     def configs(self) -> list[Config]:
         if self.active_discount is not None and not 0 <= self.active_discount < 1:
@@ -156,7 +157,7 @@ def run_plan(arrivals: Sequence[Arrival], execution: Execution, grid: Grid) -> l
     results = []
     for config in grid.configs():
         jobs, source = execution.jobs(arrivals, catalog.gpu_class(config.gpu))
-        result = simulate(config, jobs)
+        result = simulate(config, jobs, grid.window_s)
         result["execution_source"] = source
         results.append(result)
     return sorted(results, key=lambda r: (r["usd_per_image"], r["latency_s"]["p95"]))
@@ -186,6 +187,10 @@ def format_plan(results: Sequence[dict[str, Any]], chosen: dict[str, Any] | None
             f"{usd['cold_start']:.4f} / {usd['active']:.4f}")
     sources = sorted({r["execution_source"] for r in results})
     lines.append("execution: " + "; ".join(sources))
+    over = sorted({r["active_billed_over_s"] for r in results if r["config"]["active_workers"]})
+    if over:
+        lines.append(f"active workers billed over {', '.join(f'{s:.0f}' for s in over)} s: the longer of the jobs' "
+                     "span (as if the traffic repeats) and --window SECONDS (e.g. 86400 for a day)")
     lines.append("boot: the cold-start seconds used (FlashBoot or not); cold: jobs that waited for a worker to "
                  "start; idle includes the rounding up to whole seconds")
     if chosen is None:

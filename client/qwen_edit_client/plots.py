@@ -36,6 +36,8 @@ def plot_jobs(records: list[dict[str, Any]], path: Path, price: float | None = N
     figure, (top, bottom) = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
     top.plot(at, [math.nan if c is None else c for c in cost], marker="o")
     top.set_ylabel("USD per image")
+    if done and all(c is None for c in cost):
+        top.text(0.5, 0.5, "no GPU price in the log: pass --price", transform=top.transAxes, ha="center")
     top.set_title("Cost and latency per job" if done else "Cost and latency per job (no finished jobs in the log)")
     bottom.scatter(at, latency, c=["tab:red" if figures.cold_start(r) else "tab:blue" for r in done])
     bottom.set_ylabel("delay + execution (s)")
@@ -59,14 +61,20 @@ def plot_plan(results: list[dict[str, Any]], recommended: dict[str, Any] | None,
         axes.scatter([recommended["latency_s"]["p95"]], [recommended["usd_per_image"]], s=260, facecolors="none",
                      edgecolors="black", linewidths=2, label="recommended")
         axes.annotate(label(recommended["config"]), (recommended["latency_s"]["p95"], recommended["usd_per_image"]),
-                      textcoords="offset points", xytext=(10, 10), fontsize=8)
+                      textcoords="offset points", xytext=(-12, 12), ha="right", fontsize=8)
     if p95_target is not None:
         axes.axvline(p95_target, color="grey", linestyle="--", label=f"p95 target {p95_target:g} s")
     axes.set_xlabel("p95 latency: queue + cold start + execution (s)")
     axes.set_ylabel("USD per image, all in")
     if all(r["latency_s"]["p95"] > 0 and (r["usd_per_image"] or 0) > 0 for r in results):
+        from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
         axes.set_xscale("log")
         axes.set_yscale("log")
+        for axis, shape in ((axes.xaxis, "{:g} s"), (axes.yaxis, "${:.2g}")):
+            axis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+            axis.set_major_formatter(FuncFormatter(lambda value, _, shape=shape: shape.format(value)))
+            axis.set_minor_formatter(NullFormatter())
     axes.set_title(f"qwen-edit plan: {len(results)} endpoint configurations")
     axes.legend(fontsize=8)
     axes.grid(True, alpha=0.3)

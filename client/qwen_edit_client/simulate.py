@@ -5,8 +5,10 @@ idle seconds after each job and cold starts can cost more than the edit.  This m
 configuration over a list of jobs and returns what was billed and what callers waited.
 
 The endpoint, as modelled (stated so it can be checked):
-- Active workers are up from time 0 to the last job's end, never cold-start, and are billed all
-  that time at the active price.  They count toward max workers.
+- Active workers are up from time 0 to the last job's end (or to `window_s`, if later: the period
+  the jobs stand for, e.g. a day), never cold-start, and are billed all that time at the active
+  price.  Billing them over the jobs' span alone assumes the traffic repeats.  They count toward
+  max workers.
 - A job that finds no free slot waits in one FIFO queue.  When the jobs waiting outnumber the
   free slots of workers already starting, a flex worker starts (up to max workers in all): it
   bills its cold start, then takes jobs.  Free slots take waiting jobs at once: active workers
@@ -150,7 +152,7 @@ class _Endpoint:
             worker.stopped = self.env.now
 
 
-def simulate(config: Config, jobs: Sequence[Job]) -> dict[str, Any]:
+def simulate(config: Config, jobs: Sequence[Job], window_s: float = 0.0) -> dict[str, Any]:
     """Run `jobs` (arrival times from 0) through an endpoint set up as `config`; return its bill."""
     config.check()
     env = simpy.Environment()
@@ -164,7 +166,7 @@ def simulate(config: Config, jobs: Sequence[Job]) -> dict[str, Any]:
     billed = {"execution": 0.0, "idle": 0.0, "cold_start": 0.0, "rounding": 0.0, "active": 0.0}
     active_busy = 0.0
     for worker in endpoint.workers:
-        stop = end if worker.active else worker.stopped
+        stop = max(end, window_s) if worker.active else worker.stopped
         assert stop is not None and worker.ready is not None, "every flex worker stops once the jobs are done"
         session = stop - worker.started
         rounded = math.ceil(session - EPSILON)
@@ -192,5 +194,5 @@ def simulate(config: Config, jobs: Sequence[Job]) -> dict[str, Any]:
         "queue_s": summary([run.taken - run.job.arrival_s for run in runs]),
         "cold_start_share": sum(run.cold for run in runs) / len(runs) if runs else None,
         "cold_starts": sum(1 for w in endpoint.workers if not w.active),
-        "span_s": end,
+        "span_s": end, "active_billed_over_s": max(end, window_s) if config.active_workers else 0.0,
     }

@@ -42,6 +42,16 @@ def listed(kind: Callable[[str], T], option: str) -> Callable[[str], list[T]]:
     return parse
 
 
+def checked(parse: Callable[[str], T]) -> Callable[[str], T]:
+    """Let argparse print the parser's own message (which names the option and what is allowed)."""
+    def run(text: str) -> T:
+        try:
+            return parse(text)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+    return run
+
+
 def on_off(text: str) -> bool:
     if text.strip().lower() not in ("on", "off"):
         raise ValueError(text)
@@ -86,7 +96,7 @@ def add_plan(commands: Any) -> None:
                             description="Simulates a RunPod endpoint job by job, billed per second as RunPod "
                             "bills. Grid options take comma lists (e.g. --idle-timeout 1,5,30).")
     p.add_argument("logs", nargs="*", type=Path, metavar="LOG", help="replay these edit logs' submit times")
-    p.add_argument("--rate", type=plan.parse_rate, metavar="N/h", help="Poisson arrivals, e.g. 120/h")
+    p.add_argument("--rate", type=checked(plan.parse_rate), metavar="N/h", help="Poisson arrivals, e.g. 120/h")
     p.add_argument("--jobs", type=int, default=200, help="jobs to simulate with --rate (default 200)")
     p.add_argument("--seed", type=int, default=0, help="seed for --rate (default 0)")
     p.add_argument("--burst", type=int, metavar="N", help="N jobs at once")
