@@ -5,10 +5,10 @@ BIN := $(VENV)/bin
 
 .PHONY: setup demo test lint
 
-$(BIN)/.installed: builder/requirements.txt requirements-dev.txt pyproject.toml
+$(BIN)/.installed: builder/requirements.txt requirements-dev.txt pyproject.toml client/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e . -r requirements-dev.txt
+	$(BIN)/python -m pip install -q -e . -e './client[plot]' -r requirements-dev.txt
 	touch $@
 
 setup: $(BIN)/.installed

@@ -1,9 +1,11 @@
-"""Talking to a RunPod endpoint: submit a job, poll it, retry what is worth retrying.
+"""Talking to a RunPod endpoint: submit a job, poll it, and let urllib3 retry what is worth retrying.
 
-Why this exists: the command-line client must survive a busy endpoint (429, 5xx and dropped
-connections are retried with exponential backoff, honouring Retry-After) and must say plainly
-what a person can fix (401: the API key; 404: the endpoint id or base URL; FAILED: the worker's
-own error text).  The API key goes only into the Authorization header: never printed or stored.
+Why this exists: the command-line client must survive a busy endpoint and must say plainly what a
+person can fix.  Retries are urllib3's `Retry` mounted on a requests session (429, 500, 502, 503
+and 504, and connections that fail, retried with exponential backoff; `Retry-After` honoured),
+not a hand-written loop.  What is left here is the meaning of each answer: 401 (the API key),
+404 (the endpoint id or base URL), FAILED (the worker's own error text).  The API key goes only
+into the Authorization header: never printed or stored.
 """
 
 from __future__ import annotations
@@ -13,13 +15,31 @@ from dataclasses import dataclass
 from typing import Any
 
 import requests
+from requests.adapters import HTTPAdapter
+from urllib3.util import Retry
 
 RUNPOD_API = "https://api.runpod.ai/v2"
 FINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT")
+RETRY_STATUSES = (429, 500, 502, 503, 504)
 
 
 class EndpointError(Exception):
     """A request or job failed in a way retrying will not fix; the message says what to do."""
+
+
+def retrying_session(retries: int, backoff_s: float, api_key: str | None) -> requests.Session:
+    """A session whose every request is retried by urllib3 (POST included: RunPod answers 429/5xx
+    before it queues a job)."""
+    retry = Retry(total=retries, connect=retries, read=retries, status=retries, backoff_factor=backoff_s,
+                  backoff_max=30.0, status_forcelist=RETRY_STATUSES, allowed_methods=frozenset({"GET", "POST"}),
+                  respect_retry_after_header=True, raise_on_status=False)
+    session = requests.Session()
+    adapter = HTTPAdapter(max_retries=retry)
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    if api_key:
+        session.headers["Authorization"] = f"Bearer {api_key}"
+    return session
 
 
 @dataclass
@@ -33,9 +53,7 @@ class EndpointClient:
 
     def __post_init__(self) -> None:
         self.base_url = self.base_url.rstrip("/")
-        self._session = requests.Session()
-        if self.api_key:
-            self._session.headers["Authorization"] = f"Bearer {self.api_key}"
+        self._session = retrying_session(self.retries, self.backoff_s, self.api_key)
 
     def run_sync(self, job: dict[str, Any]) -> dict[str, Any]:
         """POST /runsync; if RunPod answers before the job ends, keep polling /status."""
@@ -70,36 +88,28 @@ class EndpointClient:
 
     def _request(self, method: str, path: str, payload: dict[str, Any] | None = None) -> dict[str, Any]:
         url = f"{self.base_url}{path}"
-        delay = self.backoff_s
-        for attempt in range(self.retries + 1):
+        attempts = self.retries + 1
+        try:
+            response = self._session.request(method, url, json=payload, timeout=(10, 120))
+        except requests.RequestException as err:
+            raise EndpointError(f"cannot reach {self.base_url} ({type(err).__name__}); "
+                                f"gave up after {attempts} attempts") from None
+        code = response.status_code
+        if code == 200:
             try:
-                response = self._session.request(method, url, json=payload, timeout=(10, 120))
-            except requests.RequestException as err:
-                problem = f"cannot reach {self.base_url} ({type(err).__name__})"
-            else:
-                if response.status_code == 200:
-                    try:
-                        return response.json()
-                    except ValueError:
-                        raise EndpointError(f"{url} answered 200 with a body that is not JSON") from None
-                if response.status_code == 401:
-                    raise EndpointError("401 Unauthorized: the endpoint refused the API key; check RUNPOD_API_KEY")
-                if response.status_code == 404:
-                    raise EndpointError(f"404 Not Found at {url}: check the endpoint id (--endpoint or "
-                                        "RUNPOD_ENDPOINT_ID) or --base-url")
-                if response.status_code == 405:
-                    raise _MethodNotAllowed(url)
-                if response.status_code != 429 and response.status_code < 500:
-                    raise EndpointError(f"{url} answered HTTP {response.status_code}: {response.text[:200]}")
-                problem = f"{url} answered HTTP {response.status_code}"
-                retry_after = response.headers.get("Retry-After", "")
-                if retry_after.isdigit():
-                    delay = max(delay, min(float(retry_after), 60.0))
-            if attempt == self.retries:
-                raise EndpointError(f"{problem}; gave up after {self.retries + 1} attempts")
-            time.sleep(delay)
-            delay *= 2
-        raise AssertionError("unreachable")
+                return response.json()
+            except ValueError:
+                raise EndpointError(f"{url} answered 200 with a body that is not JSON") from None
+        if code == 401:
+            raise EndpointError("401 Unauthorized: the endpoint refused the API key; check RUNPOD_API_KEY")
+        if code == 404:
+            raise EndpointError(f"404 Not Found at {url}: check the endpoint id (--endpoint or "
+                                "RUNPOD_ENDPOINT_ID) or --base-url")
+        if code == 405:
+            raise _MethodNotAllowed(url)
+        if code in RETRY_STATUSES:
+            raise EndpointError(f"{url} answered HTTP {code}; gave up after {attempts} attempts")
+        raise EndpointError(f"{url} answered HTTP {code}: {response.text[:200]}")
 
 
 class _MethodNotAllowed(EndpointError):

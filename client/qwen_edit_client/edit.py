@@ -12,7 +12,7 @@ import base64
 import datetime as dt
 import json
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +20,7 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import requests
+from tqdm import tqdm
 
 from .endpoint import EndpointClient, EndpointError
 
@@ -73,15 +74,19 @@ class BatchEditor:
         out_dir.mkdir(parents=True, exist_ok=True)
         log_path.parent.mkdir(parents=True, exist_ok=True)
 
-    def run_all(self, sources: list[Source], args: Any, concurrency: int) -> list[dict[str, Any]]:
-        from tqdm import tqdm
-
+    def run_all(self, sources: list[Source], args: Any, concurrency: int,
+                on_done: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+        """Run every job; `on_done(record)` is called as each one finishes (print with tqdm.write
+        so the progress bar stays whole)."""
         records: list[dict[str, Any]] = []
         with ThreadPoolExecutor(max(1, concurrency)) as pool, tqdm(total=len(sources), unit="edit",
                                                                       disable=len(sources) < 2) as bar:
             futures = {pool.submit(self.run_one, source, args): source for source in sources}
             for future in as_completed(futures):
-                records.append(future.result())
+                record = future.result()
+                records.append(record)
+                if on_done is not None:
+                    on_done(record)
                 bar.update(1)
         return records
 

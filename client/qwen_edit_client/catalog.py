@@ -1,0 +1,70 @@
+"""What the planner knows without a log: RunPod's GPU classes, their prices, how long a job takes
+on each, and how long a worker takes to start.
+
+Why this exists: `qwen-edit plan` needs a price and an execution time per GPU class, and every
+figure must say where it came from.  Sources, November 2026:
+- flex prices: RunPod's serverless price table (the repository's facts.md, section 8);
+- active prices: RunPod's pricing page (docs.runpod.io/serverless/pricing) lists an always-on
+  ("active") price per class, 20-32% under the flex price.  The discount used is that ratio,
+  or DEFAULT_ACTIVE_DISCOUNT (20%, the low end of RunPod's "20-30%") where no active price is
+  published; `--active-discount` replaces it for every class;
+- execution seconds: one 1 MP, 3-step edit-2511 job on a warm worker, from docs/benchmarks.md
+  ("Cost per image by RunPod GPU class").  Each row is marked measured or derived as that page
+  marks it; today every GPU figure there is derived (FLOPs and published anchors), none measured.
+  Classes without a figure (24 GB and under need OFFLOAD=group) take --exec or a log's times;
+- cold start: without FlashBoot, container start plus reading ~58 GB of weights at ~2 GB/s
+  (docs/deploy.md: ~30-40 s; 40 s is used); with FlashBoot, RunPod restores a recent snapshot
+  in seconds (5 s assumed, not measured).  Both are options (--cold-start, --flashboot-cold-start).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DEFAULT_ACTIVE_DISCOUNT = 0.20
+COLD_START_S = 40.0
+FLASHBOOT_COLD_START_S = 5.0
+BENCHMARKS = "docs/benchmarks.md"
+
+
+@dataclass(frozen=True)
+class GpuClass:
+    name: str  # what --gpu takes
+    runpod_class: str  # RunPod's name for the class, as docs/benchmarks.md writes it
+    flex_usd_s: float
+    active_usd_s: float | None  # RunPod's published active price; None: not published
+    job_s: float | None = None  # execution seconds of a 1 MP, 3-step job; None: no figure
+    job_source: str | None = None  # "measured" or "derived", as docs/benchmarks.md says
+    settings: str = ""  # the worker settings the figure is for (the benchmarks table's column)
+
+    @property
+    def published_discount(self) -> float:
+        return DEFAULT_ACTIVE_DISCOUNT if self.active_usd_s is None else 1 - self.active_usd_s / self.flex_usd_s
+
+
+GPU_CLASSES: dict[str, GpuClass] = {g.name: g for g in (
+    GpuClass("a4000", "16 GB (A4000)", 0.00016, 0.00011),
+    GpuClass("a5000", "24 GB (L4, A5000, 3090)", 0.00019, 0.00013),
+    GpuClass("4090", "24 GB PRO (4090)", 0.00031, 0.00021),
+    GpuClass("a6000", "48 GB (A6000)", 0.00034, 0.00024, 9.8, "derived", "bf16, `OFFLOAD=model` (no fp8 on Ampere)"),
+    GpuClass("l40s", "48 GB PRO (L40S)", 0.00053, 0.00037, 5.9, "derived", "bf16, `OFFLOAD=model`"),
+    GpuClass("l40s-fp8", "48 GB PRO (L40S)", 0.00053, 0.00037, 2.2, "derived", "fp8, no offload"),
+    GpuClass("a100", "80 GB (A100)", 0.00076, 0.00060, 4.0, "derived", "bf16"),
+    GpuClass("h100", "80 GB PRO (H100)", 0.00116, 0.00093, 1.4, "derived", "bf16"),
+    GpuClass("h100-fp8", "80 GB PRO (H100)", 0.00116, 0.00093, 1.3, "derived", "fp8"),
+    GpuClass("rtxpro6000", "96 GB (RTX PRO 6000)", 0.00111, None),
+    GpuClass("h200", "141 GB (H200)", 0.00155, 0.00124, 1.3, "derived", "bf16"),
+    GpuClass("b200", "180 GB (B200)", 0.00240, 0.00190),
+)}
+
+
+def gpu_class(name: str) -> GpuClass:
+    try:
+        return GPU_CLASSES[name.strip().lower()]
+    except KeyError:
+        raise ValueError(f"--gpu: unknown GPU class {name!r}; one of {', '.join(GPU_CLASSES)}") from None
+
+
+def with_figures() -> list[str]:
+    """The classes that have an execution figure (the default --grid over GPU classes)."""
+    return [g.name for g in GPU_CLASSES.values() if g.job_s is not None]

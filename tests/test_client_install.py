@@ -1,0 +1,54 @@
+"""`pip install ./client` into a fresh virtual environment, as a user on a laptop would: it must
+install the `qwen-edit` command and only what the client uses (no torch, no diffusers, no CUDA
+libraries).  Before, the client shipped inside the worker package and pulled in gigabytes.
+
+Needs a package index (PyPI, or the one pip is configured with); skipped, saying so, only when
+that index cannot be reached.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+# requests and its dependencies, tqdm, simpy, the client itself, and the venv's own pip/setuptools
+ALLOWED = {"qwen-edit-client", "requests", "urllib3", "idna", "certifi", "charset-normalizer", "tqdm", "simpy",
+           "pip", "setuptools", "wheel"}
+
+
+def run(*command: str | Path, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(c) for c in command], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.timeout(900)
+def test_pip_install_client_into_a_fresh_venv(tmp_path: Path) -> None:
+    venv = tmp_path / "venv"
+    assert run(sys.executable, "-m", "venv", venv).returncode == 0
+    python = venv / "bin" / "python"
+    probe = run(python, "-m", "pip", "download", "--no-deps", "--dest", tmp_path / "probe", "simpy==4.1.2",
+                timeout=180)
+    if probe.returncode != 0:
+        pytest.skip(f"the package index (PyPI) cannot be reached: {probe.stderr.strip()[-300:]}")
+    started = time.monotonic()
+    install = run(python, "-m", "pip", "install", ROOT / "client")
+    seconds = time.monotonic() - started
+    assert install.returncode == 0, install.stdout[-2000:] + install.stderr[-2000:]
+    print(f"pip install ./client took {seconds:.1f} s")  # shown with -s; a figure, not a limit
+
+    helped = run(venv / "bin" / "qwen-edit", "--help")
+    assert helped.returncode == 0, helped.stderr
+    assert "edit" in helped.stdout and "cost" in helped.stdout and "plan" in helped.stdout
+    plan = run(venv / "bin" / "qwen-edit", "plan", "--burst", "3", "--json")
+    assert plan.returncode == 0, plan.stderr
+
+    listed = run(python, "-m", "pip", "list", "--format=freeze")
+    installed = {line.split("==")[0].lower().replace("_", "-") for line in listed.stdout.split() if "==" in line}
+    assert "torch" not in installed and "diffusers" not in installed
+    assert not [name for name in installed if name.startswith("nvidia-")]
+    assert installed <= ALLOWED, f"unexpected packages: {sorted(installed - ALLOWED)}"
+    assert run(python, "-c", "import torch").returncode != 0
