@@ -35,7 +35,8 @@ class TestEdits:
         assert decode_output_image(item).shape == (64, 64, 3)
         assert out["seed"] == 11 and out["warnings"] == []
         assert out["model"] == {"variant": variant, "lightning": True, "steps": 3, "attention_backend": "native",
-                                "memory_saving": [], "offload": "none", "precision": "bf16", "compile": "off",
+                                "memory_saving": [], "offload": "none", "precision": "bf16",
+                                "text_encoder_precision": "bf16", "lightning_fused": "load", "compile": "off",
                                 "dtype": "float32", "device": "cpu",
                                 "source": "tiny", "manifest": None}
 
