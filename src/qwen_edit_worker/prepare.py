@@ -51,7 +51,10 @@ def prepare(folder: Path, lora: Path | None, lora_ref: str | None, transformer_p
     layers = None
     if lora is not None:
         layers = _fuse(folder, index, lora)
-        shutil.rmtree(lora.parent) if lora.parent.name == "lightning" else lora.unlink()
+        if lora.parent.name == "lightning":  # the baked layout: the folder holds only the LoRA
+            shutil.rmtree(lora.parent)
+        else:
+            lora.unlink()
     if transformer_precision != "bf16":
         _quantise_diffusers(folder / "transformer", index["transformer"][1], transformer_precision)
     if text_encoder_precision != "bf16":
