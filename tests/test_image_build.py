@@ -187,6 +187,16 @@ class TestHub:
             if plan.offload != "none":
                 assert s.memory_saving == "on"
 
+    def test_container_disk_follows_what_the_image_bakes(self) -> None:
+        """The Hub builds with the Dockerfile's default bake options: the disk must hold those weights plus
+        the CUDA base, torch and the libraries (~20 GB), and not be more than ~40 GB over (billed space)."""
+        from qwen_edit_worker import placement
+
+        args = dict(a.split("=", 1) for a in instructions("ARG") if "=" in a)
+        baked = sum(placement.reference_sizes(args["PRECISION"], args["TEXT_ENCODER_PRECISION"]).values()) / 1e9
+        disk = HUB["config"]["containerDiskInGb"]
+        assert baked + 20 <= disk <= baked + 60, (baked, disk)
+
     def test_tests_json(self) -> None:
         jsonschema.validate(TESTS, TESTS_SCHEMA)
         test_input = json.loads((ROOT / "test_input.json").read_text())["input"]
