@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,10 +33,11 @@ class LoadedModel:
     dtype: str
     gpu_name: str | None
     attention: attention.AttentionChoice
-    placement: placement.Plan
     memory_saving: list[str]
     source: str
     lora_layers: int
+    # Benchmarks that build a LoadedModel by hand get the CPU plan; load_model always passes the real one.
+    placement: placement.Plan = field(default_factory=lambda: placement.plan({}, None))
     manifest: dict[str, str] | None = None
     lightning_fused: str | None = None  # where the Lightning LoRA was fused: "bake", "load", or None (base model)
     load_seconds: float = 0.0
