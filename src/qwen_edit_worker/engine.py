@@ -9,15 +9,16 @@ Working size: both Qwen edit pipelines size the VAE's conditioning picture to 10
 inside `__call__` (through their module-level `calculate_dimensions(1024 * 1024, ratio)`), whatever
 output size is asked for.  That is a quarter of the tokens wasted at 0.25 MP.  `working_area`
 maps that one target area to the job's area for the duration of the call (the EditPlus VL
-encoder's own 384*384 condition size is left alone).  Calls are serialised by a lock, so the
-swap is never seen by a concurrent job; a test pins the behaviour against the installed diffusers.
+encoder's own 384*384 condition size is left alone).  Calls are serialised by the GPU section
+(gpu_section.py: one job on the model at a time, each job's wait recorded as its `queue` time),
+so the swap is never seen by a concurrent job; a test pins the behaviour against the installed
+diffusers.
 """
 
 from __future__ import annotations
 
 import functools
 import sys
-import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -26,6 +27,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .gpu_section import GpuSection
 from .loader import LoadedModel
 from .timing import StageClock
 
@@ -37,7 +39,7 @@ class Editor:
 
     def __init__(self, model: LoadedModel) -> None:
         self.model = model
-        self._lock = threading.Lock()
+        self.section = GpuSection()
         self._clock: StageClock | None = None
         self._steps_done = 0
         pipe = model.pipe
@@ -65,7 +67,7 @@ class Editor:
                 on_step(index + 1, steps)
             return {}
 
-        with self._lock, self._bound(clock), working_area(self.model.pipe, width * height):
+        with self.section.hold(clock), self._bound(clock), working_area(self.model.pipe, width * height):
             output = self.model.pipe(
                 image=pictures if len(pictures) > 1 else pictures[0],
                 prompt=prompt,
