@@ -177,9 +177,11 @@ def serve_queue() -> Iterator[FakeQueue]:
 
 
 def deployed_env(queue: FakeQueue, **extra: str) -> dict[str, str]:
-    """This environment less any RUNPOD_* variable, plus the queue's, the tiny model and test skips."""
+    """This environment less any RUNPOD_* variable, plus the queue's, this checkout's src/, the tiny model
+    and the SDK's start-up checks skipped."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RUNPOD_")}
-    env.update({"TINY_MODEL": "1", "PYTHONUNBUFFERED": "1",
+    path = [str(ROOT / "src"), *filter(None, env.get("PYTHONPATH", "").split(os.pathsep))]
+    env.update({"TINY_MODEL": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": os.pathsep.join(path),
                 # the SDK's start-up checks need a GPU, 4 GB free and 8.8.8.8: none of them here
                 "RUNPOD_SKIP_GPU_CHECK": "true", "RUNPOD_SKIP_AUTO_SYSTEM_CHECKS": "true"})
     env.update(queue.env())
