@@ -64,11 +64,13 @@ class StandInEditor:
              clock: StageClock, on_step: Callable[[int, int], None] | None = None, **_: object) -> np.ndarray:
         if size not in self._pictures:
             self._pictures[size] = np.asarray(photo(*size))
-        with self.section.hold(clock):
+        def model() -> None:
             for step in range(steps):
                 time.sleep(self.model_ms / 1000 / steps)
                 if on_step is not None:
                     on_step(step + 1, steps)
+
+        self.section.run(clock, model)
         return np.broadcast_to(self._pictures[size], (len(seeds), *self._pictures[size].shape))
 
 

@@ -20,31 +20,47 @@ from qwen_edit_worker.worker import Worker
 
 
 class TestGpuSection:
-    def test_one_at_a_time_and_the_wait_is_queue_time(self) -> None:
+    def test_one_at_a_time_in_order_on_one_thread_and_the_wait_is_queue_time(self) -> None:
         section = GpuSection()
-        clocks = [StageClock(), StageClock()]
-        spans: list[tuple[float, float]] = []
+        clocks = [StageClock(), StageClock(), StageClock()]
+        spans: list[tuple[str, float, float, int]] = []
         first_inside = threading.Event()
 
-        def job(clock: StageClock, hold: float) -> None:
-            with section.hold(clock):
+        def job(name: str, clock: StageClock, hold: float) -> None:
+            def work() -> str:
                 first_inside.set()
                 start = time.perf_counter()
                 time.sleep(hold)
-                spans.append((start, time.perf_counter()))
+                spans.append((name, start, time.perf_counter(), threading.get_ident()))
+                return name
 
-        first = threading.Thread(target=job, args=(clocks[0], 0.3))
-        first.start()
+            assert section.run(clock, work) == name
+
+        threads = [threading.Thread(target=job, args=("a", clocks[0], 0.3))]
+        threads[0].start()
         first_inside.wait(5)
-        second = threading.Thread(target=job, args=(clocks[1], 0.05))
-        second.start()
-        first.join(5)
-        second.join(5)
-        (a_start, a_end), (b_start, _) = sorted(spans)
-        assert b_start >= a_end  # never two jobs inside
+        for name, clock in (("b", clocks[1]), ("c", clocks[2])):
+            threads.append(threading.Thread(target=job, args=(name, clock, 0.05)))
+            threads[-1].start()
+            time.sleep(0.05)  # b asks before c
+        for thread in threads:
+            thread.join(5)
+        assert [name for name, *_ in spans] == ["a", "b", "c"]  # in the order they asked
+        for (_, _, end, _), (_, start, _, _) in zip(spans, spans[1:], strict=False):
+            assert start >= end  # never two jobs inside
+        assert len({ident for *_, ident in spans}) == 1  # all on the section's one thread
         assert clocks[0].seconds["queue"] < 0.05
-        assert clocks[1].seconds["queue"] == pytest.approx(0.3, abs=0.12)
+        assert clocks[1].seconds["queue"] == pytest.approx(0.25, abs=0.12)
         assert clocks[0].seconds["gpu"] == pytest.approx(0.3, abs=0.1)
+
+    def test_errors_reach_the_caller(self) -> None:
+        def broken() -> None:
+            raise ValueError("inside the section")
+
+        clock = StageClock()
+        with pytest.raises(ValueError, match="inside the section"):
+            GpuSection().run(clock, broken)
+        assert "gpu" in clock.seconds
 
     def test_billed_seconds_leave_the_wait_out(self) -> None:
         clock = StageClock()
