@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -118,7 +119,7 @@ def test_unforeseen_load_error_fails_the_fitness_check(tmp_path: Path) -> None:
         queue.put(job("never-run"))
         try:
             code = process.wait(timeout=START_TIMEOUT)
-        except Exception:
+        except subprocess.TimeoutExpired:
             pytest.fail(f"the worker did not exit:\n{log.read_text()[-3000:]}")
         assert code == 1, log.read_text()[-3000:]
         [report] = [e for e in queue.of("ping") if e.query.get("status") == ["unhealthy"]]

@@ -55,7 +55,11 @@ class Worker:
                 self.model.start()
 
     def concurrency(self, current: int = 1) -> int:
-        """The SDK's `concurrency_modifier`: how many jobs this worker holds at once (CONCURRENCY)."""
+        """The SDK's `concurrency_modifier`: how many jobs this worker holds at once (CONCURRENCY).
+
+        The SDK passes the current value; the answer is always the setting (1 when settings are bad:
+        each job is then answered with the settings error at once anyway).
+        """
         return self.settings.concurrency if self.settings is not None else 1
 
     def _load(self) -> Any:
