@@ -6,15 +6,20 @@
 
 Importing this module loads no model: loading starts when the worker starts (WARMUP=1, in the
 background) or with the first job (WARMUP=0).  The work lives in the qwen_edit_worker package.
+
+The handler is async and runs each job in a worker thread, so RunPod's job loop stays free to
+take the next job (up to CONCURRENCY at once) while one is on the GPU; the GPU itself runs one
+job at a time (qwen_edit_worker.gpu_section).
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sys
 from typing import Any
 
-from qwen_edit_worker.logs import configure_logging
+from qwen_edit_worker.logs import configure_logging, follow_log_level
 from qwen_edit_worker.worker import Worker
 
 _worker: Worker | None = None
@@ -39,18 +44,23 @@ def get_worker() -> Worker:
     return _worker
 
 
-def handler(job: dict[str, Any]) -> dict[str, Any]:
-    """The RunPod handler: one job's input in, its output (or error) out."""
-    return get_worker().handle(job)
+async def handler(job: dict[str, Any]) -> dict[str, Any]:
+    """The RunPod handler: one job's input in, its output (or error) out, worked in a thread."""
+    return await asyncio.to_thread(get_worker().handle, job)
 
 
 def main(argv: list[str]) -> int:
-    configure_logging(os.environ.get("LOG_LEVEL", "INFO"))
-    get_worker()
+    level = os.environ.get("LOG_LEVEL", "INFO")
+    configure_logging(level)
+    follow_log_level(level)  # before the SDK's first import: its own logger defaults to DEBUG
+    worker = get_worker()
     if deployed() or "--rp_serve_api" in argv:
         import runpod
 
-        runpod.serverless.start({"handler": handler})
+        from qwen_edit_worker.fitness import model_check
+
+        runpod.serverless.register_fitness_check(model_check(worker))  # runs deployed only
+        runpod.serverless.start({"handler": handler, "concurrency_modifier": worker.concurrency})
         return 0
     from qwen_edit_worker.local import run_local
 

@@ -17,7 +17,7 @@ def run(script: str, *args: str, timeout: int = 300) -> subprocess.CompletedProc
                           timeout=timeout)
 
 
-@pytest.mark.parametrize("script", ["overhead", "tiny", "gpu", "coldstart"])
+@pytest.mark.parametrize("script", ["overhead", "tiny", "gpu", "coldstart", "throughput"])
 def test_help(script: str) -> None:
     out = run(script, "--help")
     assert out.returncode == 0 and "--json" in out.stdout
@@ -51,8 +51,21 @@ def test_overhead() -> None:
     out = run("overhead", "--json", "--repeat", "2")
     assert out.returncode == 0, out.stderr[-2000:]
     stages = {r["stage"]: r for r in json.loads(out.stdout)["rows"]}
-    assert {"input: base64 JPEG -> RGB", "output: RGB -> png -> base64", "whole job, fixed model (png)"} <= set(stages)
+    assert {"input: base64 JPEG -> RGB", "output: RGB -> png -> base64", "whole job, fixed model (png)",
+            "end to end, local API: 1 MP PNG in, 1 MP PNG out"} <= set(stages)
     assert all(r["worker_ms"] > 0 and r["bare_ms"] > 0 for r in stages.values())
+    end_to_end = stages["end to end, local API: 1 MP PNG in, 1 MP PNG out"]
+    assert end_to_end["ratio"] == pytest.approx(end_to_end["worker_ms"] / end_to_end["bare_ms"], abs=0.001)
+
+
+def test_throughput_burst_through_the_deployed_path() -> None:
+    out = run("throughput", "--models", "standin", "--concurrency", "2", "--jobs", "3", "--model-ms", "300",
+              "--standin-side", "256", "--json")
+    assert out.returncode == 0, out.stderr[-2000:]
+    [row] = json.loads(out.stdout)["rows"]
+    assert row["model"] == "standin" and row["concurrency"] == 2 and row["jobs"] == 3
+    assert row["model_ms"] == pytest.approx(300, abs=60)  # the stand-in's sleep, seen through gpu_ms
+    assert 0 < row["gpu_busy"] <= 1.0 and row["images_per_min"] > 0 and row["outside_ms"] > 0
 
 
 def test_coldstart_on_a_saved_tiny_folder() -> None:

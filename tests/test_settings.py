@@ -23,6 +23,7 @@ class TestDefaults:
         assert (s.attention_backend, s.memory_saving, s.log_level) == ("auto", "auto", "INFO")
         assert s.gpu_price_per_second is None
         assert (s.max_input_bytes, s.max_input_pixels) == (20_000_000, 40_000_000)
+        assert s.concurrency == 2
 
     def test_model_path_follows_variant(self) -> None:
         assert Settings.from_env({"MODEL_VARIANT": "edit-2509"}).model_path == Path("/models/edit-2509")
@@ -45,7 +46,8 @@ class TestParsing:
 
     def test_values(self) -> None:
         s = Settings.from_env({"ATTENTION_BACKEND": "XFormers", "MEMORY_SAVING": "on", "LORA_PATH": "/l.safetensors",
-                               "GPU_PRICE_PER_SECOND": "0.00116", "LOG_LEVEL": "debug"})
+                               "GPU_PRICE_PER_SECOND": "0.00116", "LOG_LEVEL": "debug", "CONCURRENCY": " 1 "})
+        assert s.concurrency == 1
         assert (s.attention_backend, s.memory_saving, s.log_level) == ("xformers", "on", "DEBUG")
         assert s.lora_path == Path("/l.safetensors") and s.gpu_price_per_second == 0.00116
 
@@ -61,6 +63,9 @@ class TestErrors:
         ("GPU_PRICE_PER_SECOND", "-0.1", "above 0 and below 1"),
         ("MAX_INPUT_BYTES", "0", "positive whole number"),
         ("LOG_LEVEL", "loud", "DEBUG, INFO, WARNING, ERROR"),
+        ("CONCURRENCY", "0", "whole number from 1 to 4"),
+        ("CONCURRENCY", "5", "whole number from 1 to 4"),
+        ("CONCURRENCY", "two", "whole number from 1 to 4"),
     ])
     def test_bad_value_names_setting(self, name: str, value: str, allowed: str) -> None:
         with pytest.raises(SettingsError) as caught:

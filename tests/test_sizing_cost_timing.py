@@ -68,7 +68,7 @@ class TestTiming:
         with clock.stage("text_encode"):
             sum(range(10000))
         report = timing_report(clock, cold_start=False, load_seconds=0.0, steps=3)
-        assert set(report) == {"cold_start", "load_ms", "total_ms", "steps", "ms_per_step"} | {
+        assert set(report) == {"cold_start", "load_ms", "gpu_ms", "total_ms", "steps", "ms_per_step"} | {
             f"{s}_ms" for s in STAGES}
         stage_sum = sum(report[f"{s}_ms"] for s in STAGES)
         assert 0 < stage_sum <= report["total_ms"]

@@ -9,15 +9,16 @@ Working size: both Qwen edit pipelines size the VAE's conditioning picture to 10
 inside `__call__` (through their module-level `calculate_dimensions(1024 * 1024, ratio)`), whatever
 output size is asked for.  That is a quarter of the tokens wasted at 0.25 MP.  `working_area`
 maps that one target area to the job's area for the duration of the call (the EditPlus VL
-encoder's own 384*384 condition size is left alone).  Calls are serialised by a lock, so the
-swap is never seen by a concurrent job; a test pins the behaviour against the installed diffusers.
+encoder's own 384*384 condition size is left alone).  Calls run one at a time on the GPU
+section's thread (gpu_section.py, which records each job's wait as its `queue` time), so the
+swap is never seen by a concurrent job; a test pins the behaviour against the installed
+diffusers.
 """
 
 from __future__ import annotations
 
 import functools
 import sys
-import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -26,6 +27,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .gpu_section import GpuSection
 from .loader import LoadedModel
 from .timing import StageClock
 
@@ -37,7 +39,7 @@ class Editor:
 
     def __init__(self, model: LoadedModel) -> None:
         self.model = model
-        self._lock = threading.Lock()
+        self.section = GpuSection()
         self._clock: StageClock | None = None
         self._steps_done = 0
         pipe = model.pipe
@@ -65,22 +67,26 @@ class Editor:
                 on_step(index + 1, steps)
             return {}
 
-        with self._lock, self._bound(clock), working_area(self.model.pipe, width * height):
-            output = self.model.pipe(
-                image=pictures if len(pictures) > 1 else pictures[0],
-                prompt=prompt,
-                negative_prompt=negative_prompt if use_cfg else None,
-                true_cfg_scale=true_cfg_scale,
-                height=height,
-                width=width,
-                num_inference_steps=steps,
-                num_images_per_prompt=len(seeds),
-                generator=generators,
-                output_type="pt",
-                callback_on_step_end=step_end,
-            )
+        def run() -> Any:
+            with self._bound(clock), working_area(self.model.pipe, width * height):
+                output = self.model.pipe(
+                    image=pictures if len(pictures) > 1 else pictures[0],
+                    prompt=prompt,
+                    negative_prompt=negative_prompt if use_cfg else None,
+                    true_cfg_scale=true_cfg_scale,
+                    height=height,
+                    width=width,
+                    num_inference_steps=steps,
+                    num_images_per_prompt=len(seeds),
+                    generator=generators,
+                    output_type="pt",
+                    callback_on_step_end=step_end,
+                )
             start = clock.marks.get("vae_encode_end", clock.started)
             clock.add("denoise", clock.marks.get("last_step", start) - start)
+            return output
+
+        output = self.section.run(clock, run)
         with clock.stage("outputs"):
             pixels = (output.images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
             return pixels.cpu().numpy()

@@ -5,6 +5,8 @@ after a long silent start), yet the model takes seconds to minutes to load.  Wit
 worker starts loading in a background thread when it starts; with WARMUP=0 the first job starts
 it.  Either way the load runs once, every job that arrives before it ends waits and says so
 (cold start), and a failed load is logged once with its cause and reported to every job.
+A failure the loader foresaw (a WorkerError naming a setting or file) is told apart from an
+unforeseen one (CUDA, memory, a broken install): fitness.py treats the two differently.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ class LazyLoad(Generic[T]):
         self._thread: threading.Thread | None = None
         self._value: T | None = None
         self._error: WorkerError | None = None
+        self.unforeseen: BaseException | None = None  # the original error when the load failed unforeseen
 
     @property
     def ready(self) -> bool:
@@ -55,6 +58,12 @@ class LazyLoad(Generic[T]):
         assert self._value is not None
         return self._value, waited, time.perf_counter() - started if waited else 0.0
 
+    def wait(self) -> WorkerError | None:
+        """Start loading if needed, wait for the end, and return the load's error (None on success)."""
+        self.start()
+        self._done.wait()
+        return self._error
+
     def _run(self) -> None:
         try:
             self._value = self._load()
@@ -63,6 +72,7 @@ class LazyLoad(Generic[T]):
             self._error = err
         except Exception as err:  # anything else: keep the traceback in the log, a short cause for jobs
             log.exception("model load failed")
+            self.unforeseen = err
             self._error = ModelLoadError("model", f"loading failed ({type(err).__name__}: {err}); see the worker log")
         finally:
             self._done.set()

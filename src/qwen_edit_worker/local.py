@@ -4,23 +4,26 @@ Why this exists: the RunPod SDK's own local runner logs the whole job result, ba
 included, and writes no files.  This runner feeds the same handler the same job shape
 (test_input.json or --test_input), writes each picture to a file, and prints the result with
 each picture's data replaced by its file's path.  It exits 1 when the job fails, as the SDK does.
+It takes the handler as RunPod does, plain or async (handler.py's is async).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import base64
+import inspect
 import json
 import logging
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from .errors import RequestError
 
 log = logging.getLogger(__name__)
-Handler = Callable[[dict[str, Any]], dict[str, Any]]
+Handler = Callable[[dict[str, Any]], dict[str, Any] | Awaitable[dict[str, Any]]]
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
@@ -53,6 +56,8 @@ def run_local(handle: Handler, argv: Sequence[str]) -> int:
         log.error("%s", err)
         return 1
     result = handle(job)
+    if inspect.isawaitable(result):
+        result = asyncio.run(_awaited(result))
     if "error" in result:
         log.error("job %s failed: %s", job["id"], result["error"])
         return 1
@@ -65,3 +70,7 @@ def run_local(handle: Handler, argv: Sequence[str]) -> int:
         log.info("wrote %s (%dx%d)", path, image["width"], image["height"])
     sys.stdout.write(json.dumps(result, indent=2) + "\n")
     return 0
+
+
+async def _awaited(result: Awaitable[dict[str, Any]]) -> dict[str, Any]:
+    return await result

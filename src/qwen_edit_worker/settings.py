@@ -21,6 +21,7 @@ ATTENTION_BACKENDS = ("auto", "native", "xformers", "flash", "_native_cudnn", "_
 MEMORY_SAVING_MODES = ("auto", "on", "off")
 OFFLOAD_MODES = ("auto", "none", "text_encoder", "model", "group")
 COMPILE_MODES = ("off", "regional")
+MAX_CONCURRENCY = 4  # one job on the GPU, the others loading or sending pictures; more only holds jobs back
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
@@ -43,6 +44,7 @@ SETTINGS: dict[str, tuple[str, str]] = {
     "COMPILE": ("off", "off | regional: compile the repeated transformer block at load (torch.compile)"),
     "OFFLOAD": ("auto", "auto (fastest placement that fits this GPU) | none | text_encoder | model | group"),
     "WARMUP": ("1", "1: start loading the model in the background at worker start"),
+    "CONCURRENCY": ("2", "jobs a worker holds at once (1 to 4): the next job's pictures load while one is on the GPU"),
     "GPU_PRICE_PER_SECOND": ("", "USD per second for cost reports; empty: RunPod's price table"),
     "MAX_INPUT_BYTES": ("20000000", "largest accepted input image, in bytes"),
     "MAX_INPUT_PIXELS": ("40000000", "largest accepted input image, in pixels"),
@@ -72,6 +74,7 @@ class Settings:
     compile: str
     offload: str
     warmup: bool
+    concurrency: int
     gpu_price_per_second: float | None
     max_input_bytes: int
     max_input_pixels: int
@@ -114,6 +117,7 @@ class Settings:
             compile=_choice("COMPILE", raw("COMPILE").lower(), COMPILE_MODES),
             offload=_choice("OFFLOAD", raw("OFFLOAD").lower(), OFFLOAD_MODES),
             warmup=_flag("WARMUP", raw("WARMUP")),
+            concurrency=_int_in("CONCURRENCY", raw("CONCURRENCY"), 1, MAX_CONCURRENCY),
             gpu_price_per_second=_price(raw("GPU_PRICE_PER_SECOND")),
             max_input_bytes=_positive_int("MAX_INPUT_BYTES", raw("MAX_INPUT_BYTES")),
             max_input_pixels=_positive_int("MAX_INPUT_PIXELS", raw("MAX_INPUT_PIXELS")),
@@ -175,6 +179,16 @@ def _url(name: str, value: str) -> str:
     if value and not value.lower().startswith(("http://", "https://")):
         raise SettingsError(name, f"must be an http(s) URL (got {value[:60]!r})")
     return value
+
+
+def _int_in(name: str, value: str, low: int, high: int) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        number = low - 1
+    if not low <= number <= high:
+        raise SettingsError(name, f"must be a whole number from {low} to {high} (got {value!r})")
+    return number
 
 
 def _positive_int(name: str, value: str) -> int:

@@ -2,9 +2,10 @@
 
 Why this exists: what an edit costs is the GPU's price per second times the job's seconds, so
 people need to see every stage (inputs, text encoding, VAE encoding, denoising, decoding,
-outputs).  GPU work is asynchronous, so on CUDA the clock is read only after synchronising
-(`sync`), otherwise a stage's time would land in whichever later stage waits for the GPU.
-Pure: the synchronise function is injected; no torch import here.
+outputs), plus `queue`, the time a job waited for the GPU while the job ahead of it ran
+(CONCURRENCY above 1), which its cost leaves out.  GPU work is asynchronous, so on CUDA the
+clock is read only after synchronising (`sync`), otherwise a stage's time would land in
+whichever later stage waits for the GPU.  Pure: the synchronise function is injected; no torch import here.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-STAGES = ("inputs", "text_encode", "vae_encode", "denoise", "decode", "outputs")
+# The parts of a job's time, in order; they do not overlap, so they add up to no more than the total.
+STAGES = ("inputs", "queue", "text_encode", "vae_encode", "denoise", "decode", "outputs")
 
 
 class StageClock:
@@ -57,11 +59,26 @@ class StageClock:
 
 
 def timing_report(clock: StageClock, *, cold_start: bool, load_seconds: float, steps: int) -> dict[str, object]:
-    """The job output's `timing` block; `load_ms` is the time this job waited for the model."""
+    """The job output's `timing` block.
+
+    `load_ms` is the time this job waited for the model to load; `queue_ms` the time it waited for
+    the job ahead to leave the GPU; `gpu_ms` the time it held the GPU section (it overlaps the
+    model's stages, so it is not one of them).
+    """
     total = clock.elapsed()
     report: dict[str, object] = {"cold_start": cold_start, "load_ms": round(load_seconds * 1000, 2)}
     report.update({f"{name}_ms": clock.ms(name) for name in STAGES})
+    report["gpu_ms"] = clock.ms("gpu")
     report["total_ms"] = round(total * 1000, 2)
     report["steps"] = steps
     report["ms_per_step"] = round(clock.ms("denoise") / steps, 2) if steps else 0.0
     return report
+
+
+def billed_seconds(clock: StageClock) -> float:
+    """The seconds a job is charged for: its time so far less the time it waited for the GPU.
+
+    While a job waits in the queue, the job ahead of it holds the GPU and is charged for those
+    seconds; counting them twice would make jobs look dearer the more of them a worker holds.
+    """
+    return max(clock.elapsed() - clock.seconds.get("queue", 0.0), 0.0)

@@ -21,7 +21,7 @@ from .errors import SettingsError, WorkerError
 from .lazy import LazyLoad
 from .schema import MAX_SEED, EditRequest, ModelDefaults, parse_request
 from .settings import Settings
-from .timing import StageClock, timing_report
+from .timing import StageClock, billed_seconds, timing_report
 
 log = logging.getLogger(__name__)
 Progress = Callable[[Mapping[str, Any], Any], None]
@@ -53,6 +53,14 @@ class Worker:
             log.info("settings: %s", self.settings.summary())
             if self.settings.warmup:
                 self.model.start()
+
+    def concurrency(self, current: int = 1) -> int:
+        """The SDK's `concurrency_modifier`: how many jobs this worker holds at once (CONCURRENCY).
+
+        The SDK passes the current value; the answer is always the setting (1 when settings are bad:
+        each job is then answered with the settings error at once anyway).
+        """
+        return self.settings.concurrency if self.settings is not None else 1
 
     def _load(self) -> Any:
         from .engine import Editor
@@ -114,7 +122,7 @@ class Worker:
             images = _outputs(job_id, pixels, seeds, request, bucket, settings.max_response_bytes)
         model = editor.model
         timing = timing_report(clock, cold_start=cold, load_seconds=waited, steps=request.num_inference_steps)
-        cost = job_cost(clock.elapsed(), len(images), model.gpu_name, settings.gpu_price_per_second)
+        cost = job_cost(billed_seconds(clock), len(images), model.gpu_name, settings.gpu_price_per_second)
         log.info(
             "job %s done: %d image(s) %dx%d from %d input(s), %d steps, cfg %.1f, seed %d, cold=%s, "
             "stages ms: %s, total %.0f ms, cost %s", job_id, len(images), size[0], size[1], len(pictures),

@@ -1,0 +1,128 @@
+"""handler.py exactly as RunPod runs it (RUNPOD_WEBHOOK_* set), served by a fake queue on loopback.
+
+What broke before: with a synchronous handler the SDK's job loop was blocked while a job ran and
+took the next job only about a second after each result; the SDK's own logger printed a DEBUG
+line for every poll and heartbeat; a worker whose model failed to load had no say in whether
+RunPod replaced it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from conftest import b64_picture, small_job
+from fake_queue import ROOT, FakeQueue, deployed_worker, serve_queue
+
+JOB_TIMEOUT = 240  # seconds; the tiny model takes a few seconds per job on 2 shared cores
+START_TIMEOUT = 240
+
+
+def job(job_id: str, **fields: object) -> dict[str, object]:
+    return {**small_job(**fields), "id": job_id}
+
+
+@pytest.fixture(scope="module")
+def worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[FakeQueue, Path]]:
+    """One deployed tiny worker with CONCURRENCY=2, shared by the tests of this module."""
+    log = tmp_path_factory.mktemp("deployed") / "worker.log"
+    with serve_queue() as queue, deployed_worker(queue, log, CONCURRENCY="2", LOG_LEVEL="INFO") as process:
+        queue.put(job("warm-up"))
+        try:
+            queue.wait_done(["warm-up"], START_TIMEOUT)
+        except TimeoutError:
+            pytest.fail(f"the worker never answered (exit {process.poll()}):\n{log.read_text()[-3000:]}")
+        yield queue, log
+
+
+class TestDeployedJobs:
+    def test_result_timing_and_progress_per_step(self, worker: tuple[FakeQueue, Path]) -> None:
+        queue, _ = worker
+        queue.put(job("ok-1", seed=11))
+        done = queue.wait_done(["ok-1"], JOB_TIMEOUT)["ok-1"]
+        output = done.body["output"]
+        assert "error" not in done.body and output["seed"] == 11
+        assert output["images"][0]["width"] == 64 and output["images"][0]["type"] == "base64"
+        timing = output["timing"]
+        assert timing["steps"] == 3 and timing["queue_ms"] >= 0 and 0 < timing["gpu_ms"] <= timing["total_ms"]
+        queue.wait_for(lambda: len(queue.of("progress", "ok-1")) >= 3, 30, "three progress posts")
+        steps = sorted(e.body["output"]["step"] for e in queue.of("progress", "ok-1"))
+        assert steps == [1, 2, 3]
+        assert all(e.body["output"]["steps"] == 3 for e in queue.of("progress", "ok-1"))
+
+    def test_clean_error_then_a_valid_job(self, worker: tuple[FakeQueue, Path]) -> None:
+        queue, _ = worker
+        queue.put(job("bad-1", num_images=9), job("ok-2"))
+        results = queue.wait_done(["bad-1", "ok-2"], JOB_TIMEOUT)
+        bad = results["bad-1"].body
+        assert bad["error"].startswith("input.num_images: must be a whole number from 1 to 4")
+        assert "Traceback" not in bad["error"] and "stopPod" not in bad
+        assert results["ok-2"].body["output"]["images"]
+
+    def test_concurrency_2_takes_the_next_job_while_one_runs(self, worker: tuple[FakeQueue, Path]) -> None:
+        queue, _ = worker
+        ids = [f"burst-{i}" for i in range(3)]
+        queue.put(*(job(i, seed=n) for n, i in enumerate(ids)))
+        results = queue.wait_done(ids, 3 * JOB_TIMEOUT)
+        takes = {e.job_id: e.at for e in queue.of("take") if e.job_id in ids}
+        assert takes["burst-1"] < results["burst-0"].at  # the second was taken before the first finished
+        for event in queue.of("take"):  # never more than CONCURRENCY jobs held at once
+            held = [e for e in queue.of("take") if e.at <= event.at]
+            finished = [e for e in queue.of("done") if e.at < event.at]
+            assert len(held) - len(finished) <= 2
+        timings = [results[i].body["output"]["timing"] for i in ids]
+        assert max(t["queue_ms"] for t in timings) > 0  # someone waited for the GPU, and says so
+        span_ms = (max(r.at for r in results.values()) - min(takes.values())) * 1000
+        assert sum(t["gpu_ms"] for t in timings) <= span_ms  # one job at a time in the GPU section
+        for timing, result in zip(timings, (results[i] for i in ids), strict=True):
+            cost = result.body["output"]["cost"]
+            assert cost["seconds"] == pytest.approx((timing["total_ms"] - timing["queue_ms"]) / 1000, abs=0.05)
+
+    def test_logs_follow_log_level_and_hold_no_picture(self, worker: tuple[FakeQueue, Path]) -> None:
+        queue, log = worker
+        queue.wait_for(lambda: len(queue.of("ping")) >= 1, 30, "a heartbeat")
+        assert queue.of("ping")[0].body == "fake-key"
+        text = log.read_text()
+        sdk_lines = [json.loads(line) for line in text.splitlines() if line.startswith('{"requestId"')]
+        assert sdk_lines, text[-2000:]  # the SDK does log (as JSON lines, as on RunPod) ...
+        assert {line["level"] for line in sdk_lines} <= {"INFO", "WARN", "ERROR"}  # ... but not at DEBUG
+        assert "Heartbeat Sent" not in text and b64_picture()[-60:] not in text
+
+
+def test_foreseen_load_error_keeps_serving_the_clear_error(tmp_path: Path) -> None:
+    """A missing model folder fails the same way on any worker: stay up and tell every job."""
+    missing = tmp_path / "missing"
+    with serve_queue() as queue, deployed_worker(queue, tmp_path / "worker.log", TINY_MODEL="0",
+                                                 MODEL_PATH=str(missing)) as process:
+        queue.put(job("j-1"), job("j-2"))
+        results = queue.wait_done(["j-1", "j-2"], START_TIMEOUT)
+        for result in results.values():
+            assert result.body["error"] == (f"MODEL_PATH: {missing} does not exist; bake the model into the image "
+                                            "or point MODEL_PATH at it")
+        assert process.poll() is None
+        assert not [e for e in queue.of("ping") if e.query.get("status") == ["unhealthy"]]
+
+
+def test_unforeseen_load_error_fails_the_fitness_check(tmp_path: Path) -> None:
+    """A load that breaks for no reason the loader knows (here: a broken install) asks for a new worker."""
+    broken = tmp_path / "site" / "diffusers"
+    broken.mkdir(parents=True)
+    (broken / "__init__.py").write_text('raise RuntimeError("CUDA error: unspecified launch failure (simulated)")\n')
+    log = tmp_path / "worker.log"
+    path = os.pathsep.join([str(broken.parent), str(ROOT / "src")])
+    with serve_queue() as queue, deployed_worker(queue, log, PYTHONPATH=path) as process:
+        queue.put(job("never-run"))
+        try:
+            code = process.wait(timeout=START_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the worker did not exit:\n{log.read_text()[-3000:]}")
+        assert code == 1, log.read_text()[-3000:]
+        [report] = [e for e in queue.of("ping") if e.query.get("status") == ["unhealthy"]]
+        assert report.query["check"] == ["model_loaded"]
+        assert "RuntimeError: CUDA error: unspecified launch failure" in report.query["reason"][0]
+        assert not queue.of("take") and list(queue.jobs)[0]["id"] == "never-run"  # left for a healthy worker
