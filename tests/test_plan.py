@@ -130,7 +130,9 @@ class TestCatalog:
 
     def test_flex_prices_are_the_workers_price_table(self) -> None:
         names = {"a4000": "RTX A4000", "a5000": "RTX A5000", "4090": "RTX 4090", "a6000": "RTX A6000",
-                 "l40s": "L40S", "l40s-fp8": "L40S", "a100": "A100 80GB", "h100": "H100 80GB HBM3",
+                 "l40s": "L40S", "l40s-fp8": "L40S", "a100": "A100 80GB", "a5000-int8": "RTX A5000",
+                 "4090-int8": "RTX 4090", "a6000-int8": "RTX A6000", "l40s-int8": "L40S", "a100-int8": "A100 80GB",
+                 "h100": "H100 80GB HBM3",
                  "h100-fp8": "H100", "rtxpro6000": "RTX PRO 6000", "h200": "H200", "b200": "B200"}
         assert set(names) == set(catalog.GPU_CLASSES)
         for name, gpu in catalog.GPU_CLASSES.items():

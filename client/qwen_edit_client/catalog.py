@@ -11,7 +11,7 @@ figure must say where it came from.  Sources, November 2026:
 - execution seconds: one 1 MP, 3-step edit-2511 job on a warm worker, from docs/benchmarks.md
   ("Cost per image by RunPod GPU class").  Each row is marked measured or derived as that page
   marks it; today every GPU figure there is derived (FLOPs and published anchors), none measured.
-  Classes without a figure (24 GB and under need OFFLOAD=group) take --exec or a log's times;
+  Classes without a figure take --exec or a log's times;
 - cold start: without FlashBoot, container start plus reading ~58 GB of weights at ~2 GB/s
   (docs/deploy.md: ~30-40 s; 40 s is used); with FlashBoot, RunPod restores a recent snapshot
   in seconds (5 s assumed, not measured).  Both are options (--cold-start, --flashboot-cold-start).
@@ -45,11 +45,16 @@ class GpuClass:
 GPU_CLASSES: dict[str, GpuClass] = {g.name: g for g in (
     GpuClass("a4000", "16 GB (A4000)", 0.00016, 0.00011),
     GpuClass("a5000", "24 GB (L4, A5000, 3090)", 0.00019, 0.00013),
+    GpuClass("a5000-int8", "24 GB (L4, A5000, 3090)", 0.00019, 0.00013, 6.0, "derived", "int8, `OFFLOAD=group`"),
     GpuClass("4090", "24 GB PRO (4090)", 0.00031, 0.00021),
+    GpuClass("4090-int8", "24 GB PRO (4090)", 0.00031, 0.00021, 4.2, "derived", "int8, `OFFLOAD=group`"),
     GpuClass("a6000", "48 GB (A6000)", 0.00034, 0.00024, 9.8, "derived", "bf16, `OFFLOAD=model` (no fp8 on Ampere)"),
+    GpuClass("a6000-int8", "48 GB (A6000)", 0.00034, 0.00024, 3.8, "derived", "int8, no offload"),
     GpuClass("l40s", "48 GB PRO (L40S)", 0.00053, 0.00037, 5.9, "derived", "bf16, `OFFLOAD=model`"),
     GpuClass("l40s-fp8", "48 GB PRO (L40S)", 0.00053, 0.00037, 2.2, "derived", "fp8, no offload"),
+    GpuClass("l40s-int8", "48 GB PRO (L40S)", 0.00053, 0.00037, 2.0, "derived", "int8, no offload"),
     GpuClass("a100", "80 GB (A100)", 0.00076, 0.00060, 4.0, "derived", "bf16"),
+    GpuClass("a100-int8", "80 GB (A100)", 0.00076, 0.00060, 2.2, "derived", "int8"),
     GpuClass("h100", "80 GB PRO (H100)", 0.00116, 0.00093, 1.4, "derived", "bf16"),
     GpuClass("h100-fp8", "80 GB PRO (H100)", 0.00116, 0.00093, 1.3, "derived", "fp8"),
     GpuClass("rtxpro6000", "96 GB (RTX PRO 6000)", 0.00111, None),
