@@ -66,8 +66,9 @@ class TestPlan:
 
 class TestSizes:
     def test_sizes_from_headers_at_each_precision(self, tmp_path: Path) -> None:
-        """bf16 counts 2 bytes an element whatever the file stores; int8 counts linear weights at 1 byte plus a
-        float32 scale per row; embeddings, biases and tensors already stored as int8 are not shrunk again."""
+        """bf16 counts 2 bytes an element whatever the file stores; int8/fp8 count linear weights as torchao stores
+        them (1 byte an element; per row a float32 scale, and for int8 an int8 zero point too); embeddings, biases
+        and tensors already stored as int8 are not shrunk again."""
         tensors = {
             "blocks.0.to_q.weight": torch.zeros(64, 32),  # float32 on disk: a linear weight
             "blocks.0.to_q.bias": torch.zeros(64),
@@ -78,8 +79,9 @@ class TestSizes:
         save_file(tensors, str(tmp_path / "diffusion_pytorch_model.safetensors"))
         floats = 64 * 32 + 64 + 100 * 32 + 16
         assert placement.folder_bytes(tmp_path, "bf16") == floats * 2 + 16 * 32
-        shrunk = (64 * 32 + 64 * 4) + (64 + 100 * 32 + 16) * 2 + 16 * 32
-        assert placement.folder_bytes(tmp_path, "int8") == shrunk == placement.folder_bytes(tmp_path, "fp8")
+        rest = (64 + 100 * 32 + 16) * 2 + 16 * 32
+        assert placement.folder_bytes(tmp_path, "int8") == 64 * 32 + 64 * 5 + rest
+        assert placement.folder_bytes(tmp_path, "fp8") == 64 * 32 + 64 * 4 + rest
 
     def test_model_bytes_reads_each_component(self, tmp_path: Path) -> None:
         for name, rows in (("transformer", 8), ("text_encoder", 4), ("vae", 2)):
@@ -87,7 +89,7 @@ class TestSizes:
             weights = {"layer.weight": torch.zeros(rows, 10, dtype=torch.bfloat16)}
             save_file(weights, str(tmp_path / name / "m.safetensors"))
         sizes = placement.model_bytes(tmp_path, "int8", "bf16")
-        assert sizes == {"transformer": 8 * 10 + 8 * 4, "text_encoder": 4 * 10 * 2, "vae": 2 * 10 * 2}
+        assert sizes == {"transformer": 8 * 10 + 8 * 5, "text_encoder": 4 * 10 * 2, "vae": 2 * 10 * 2}
 
 
 class TestStreamedTextEncoder:

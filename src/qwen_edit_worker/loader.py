@@ -88,12 +88,13 @@ def load_model(settings: Settings) -> LoadedModel:
     gpu_bytes = torch.cuda.get_device_properties(0).total_memory if cuda else None
     # Decided from the safetensors headers before any weight is read (the tiny model: after building).
     plan = None if source is None else _plan(settings, source.path, gpu_bytes)
-    straight = plan is not None and plan.offload == "none" and _stored_fits(source, gpu_bytes)
+    stored = None if source is None else placement.model_bytes(source.path, "bf16", "bf16")  # as on disk, in bf16
+    straight = plan is not None and plan.offload == "none" and _stored_fits(stored, gpu_bytes)
     # When everything fits as stored, weights are read straight onto the device (no CPU copy).
     pipe = _build_pipeline(settings, source, dtype, device if straight or not cuda else None)
     if plan is None:
         plan = placement.plan(_resident_bytes(pipe), gpu_bytes, mode=settings.offload)
-    if cuda and not straight and _transformer_fits(source, gpu_bytes):
+    if cuda and not straight and _transformer_fits(stored, gpu_bytes):
         pipe.transformer.to(device)  # fuse and quantise on the GPU; the placement below takes it from there
     lora_layers, fused_at = _apply_lightning(pipe, settings, source)
     _quantise_transformer(pipe, settings, source)  # after the fuse: never a bf16 LoRA over quantised weights
@@ -163,19 +164,16 @@ def _plan(settings: Settings, path: Path, gpu_bytes: int | None) -> placement.Pl
     return plan
 
 
-def _stored_fits(source: sources.ModelSource | None, gpu_bytes: int | None) -> bool:
-    """Whether every component fits the GPU as stored (before any quantisation at load)."""
-    if source is None or gpu_bytes is None:
-        return False
-    return placement.need("none", placement.model_bytes(source.path, "bf16", "bf16"))[0] <= gpu_bytes
+def _stored_fits(stored: dict[str, int] | None, gpu_bytes: int | None) -> bool:
+    """Whether every component fits the GPU as stored (before any quantisation at load), job room included."""
+    return stored is not None and gpu_bytes is not None and placement.need("none", stored)[0] <= gpu_bytes
 
 
-def _transformer_fits(source: sources.ModelSource | None, gpu_bytes: int | None) -> bool:
+def _transformer_fits(stored: dict[str, int] | None, gpu_bytes: int | None) -> bool:
     """Whether the transformer alone fits the GPU as stored (else the fuse and quantisation run on the CPU)."""
-    if source is None or gpu_bytes is None:
-        return gpu_bytes is not None
-    stored = placement.folder_bytes(source.path / "transformer", "bf16")
-    return stored + placement.RESERVE_BYTES <= gpu_bytes
+    if gpu_bytes is None:
+        return False
+    return stored is None or stored["transformer"] + placement.RESERVE_BYTES <= gpu_bytes
 
 
 def _resident_bytes(pipe: Any) -> dict[str, int]:

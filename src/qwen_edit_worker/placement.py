@@ -22,11 +22,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from .precision import linear_weight_bytes
+
 GB = 1000**3
 # Peak activations of the largest job the API allows (2 MP output, num_images 4, 3 steps): the
 # transformer's MLP and attention intermediates for 4 x 16.6 k tokens (~5 GB) and the VAE decode
 # of one 2 MP picture at a time with slicing (~4 GB) do not overlap; derived, not yet measured
-# (bench/gpu --memory measures it on a GPU and this figure should follow).
+# (a GPU run should record torch.cuda.max_memory_allocated for that job and this figure follow it).
 JOB_HEADROOM_BYTES = 8 * GB
 RESERVE_BYTES = int(1.5 * GB)  # CUDA context, cuBLAS workspaces, allocator fragmentation
 STREAM_WINDOW_BYTES = int(2.5 * GB)  # a streamed component's layers on the GPU at once (2 largest leaves)
@@ -123,7 +125,6 @@ def _gb(size: int) -> str:
 
 # ---- Reading the sizes (not pure: reads safetensors headers, never the weights) ----
 
-QUANTISED_BYTES = {"bf16": None, "int8": 1, "fp8": 1}  # bytes per weight after quantisation
 FLOATS = {"F32": 4, "BF16": 2, "F16": 2}
 
 
@@ -131,12 +132,11 @@ def folder_bytes(folder: Path, precision: str = "bf16") -> int:
     """Bytes a component's safetensors take on the GPU at `precision` (from the headers alone).
 
     Floating-point tensors load as bf16 (2 bytes an element).  A 2-D floating-point `.weight` (a
-    linear layer's; embeddings excluded) counts one byte an element plus a float32 scale per row
-    when it will be quantised to int8/fp8 at load; tensors already stored quantised count as stored.
-    An estimate made before loading; the load log gives the bytes really resident afterwards.
+    linear layer's; embeddings excluded) counts as torchao stores it at `precision`
+    (precision.linear_weight_bytes: scales included); tensors already stored quantised count as
+    stored.  An estimate made before loading; the load log gives the bytes really resident afterwards.
     """
     total = 0
-    per_weight = QUANTISED_BYTES[precision]
     for file in sorted(folder.glob("*.safetensors")):
         with file.open("rb") as handle:
             header = json.loads(handle.read(struct.unpack("<Q", handle.read(8))[0]))
@@ -145,11 +145,10 @@ def folder_bytes(folder: Path, precision: str = "bf16") -> int:
                 continue
             start, end = spec["data_offsets"]
             shape, size = spec["shape"], end - start
-            if spec["dtype"] in FLOATS:  # loaded as bf16 whatever the file stores
-                elements = size // FLOATS[spec["dtype"]]
-                size = elements * 2
-                if per_weight and len(shape) == 2 and name.endswith(".weight") and "embed" not in name:
-                    size = elements * per_weight + shape[0] * 4
+            if spec["dtype"] in FLOATS and len(shape) == 2 and name.endswith(".weight") and "embed" not in name:
+                size = linear_weight_bytes(shape[0], shape[1], precision)
+            elif spec["dtype"] in FLOATS:  # loaded as bf16 whatever the file stores
+                size = size // FLOATS[spec["dtype"]] * 2
             total += size
     return total
 
