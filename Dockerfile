@@ -39,15 +39,13 @@ COPY builder/requirements.txt /builder/requirements.txt
 RUN pip install --extra-index-url "${TORCH_INDEX_URL}" -r /builder/requirements.txt \
     && python -c "import sys, torch; cuda = torch.version.cuda or 'none'; sys.exit(0 if cuda.startswith('12.') else 'torch is built for CUDA ' + cuda + ', not 12.x: check TORCH_INDEX_URL')"
 
-# The bake imports the worker modules that fuse and quantise (prepare.py and what it imports), copied
-# here beside bake.py rather than installing the whole package first.  Trade-off: a change to these six
-# files re-runs the bake (download included), which is right since the stored weights depend on them;
-# a change anywhere else in the worker keeps the weights layer.  The files exist twice in the image
-# (a few KB).  The bake options are declared just before the step that uses them, for the same reason.
+# The bake imports one self-contained subpackage of the worker, qwen_edit_worker.weights (variants,
+# the Lightning LoRA, precision, the fuse/quantise step), copied beside bake.py rather than installing
+# the whole package first: a change to it re-runs the bake (download included), which is right since
+# the stored weights depend on it; a change anywhere else in the worker keeps the weights layer.
+# tests/test_bake.py pins that the subpackage imports nothing else of the worker.
 COPY builder/bake.py /builder/bake.py
-COPY src/qwen_edit_worker/__init__.py src/qwen_edit_worker/errors.py src/qwen_edit_worker/lightning.py \
-     src/qwen_edit_worker/precision.py src/qwen_edit_worker/prepare.py src/qwen_edit_worker/variants.py \
-     /builder/qwen_edit_worker/
+COPY src/qwen_edit_worker/weights/ /builder/qwen_edit_worker/weights/
 ARG FUSE_LIGHTNING=0
 ARG PRECISION=bf16
 ARG TEXT_ENCODER_PRECISION=bf16

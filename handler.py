@@ -9,7 +9,7 @@ background) or with the first job (WARMUP=0).  The work lives in the qwen_edit_w
 
 The handler is async and runs each job in a worker thread, so RunPod's job loop stays free to
 take the next job (up to CONCURRENCY at once) while one is on the GPU; the GPU itself runs one
-job at a time (qwen_edit_worker.gpu_section).
+job at a time (qwen_edit_worker.serving.gpu_section).
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ import os
 import sys
 from typing import Any
 
-from qwen_edit_worker.logs import configure_logging, follow_log_level
-from qwen_edit_worker.worker import Worker
+from qwen_edit_worker.serving.logs import configure_logging, follow_log_level
+from qwen_edit_worker.serving.worker import Worker
 
 _worker: Worker | None = None
 
@@ -57,12 +57,12 @@ def main(argv: list[str]) -> int:
     if deployed() or "--rp_serve_api" in argv:
         import runpod
 
-        from qwen_edit_worker.fitness import model_check
+        from qwen_edit_worker.serving.fitness import model_check
 
         runpod.serverless.register_fitness_check(model_check(worker))  # runs deployed only
         runpod.serverless.start({"handler": handler, "concurrency_modifier": worker.concurrency})
         return 0
-    from qwen_edit_worker.local import run_local
+    from qwen_edit_worker.serving.local import run_local
 
     return run_local(handler, argv)
 

@@ -2,7 +2,7 @@
 
 Why this exists: on this CPU-only machine the tiny model's "GPU" work runs on the same two cores
 as everything else, so it cannot show whether the worker keeps a real GPU busy.  The stand-in
-sleeps inside the worker's real GPU section (qwen_edit_worker.gpu_section) for BENCH_MODEL_MS
+sleeps inside the worker's real GPU section (qwen_edit_worker.serving.gpu_section) for BENCH_MODEL_MS
 milliseconds, as a GPU leaves the CPU free, posts a progress update per step, and returns a
 fixed photo-like picture of the requested size.  Everything else is the real worker and the real
 RunPod SDK.  It is injected in-process by this launcher; the worker itself has no such setting.
@@ -25,8 +25,8 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "src")]
 
-from qwen_edit_worker.gpu_section import GpuSection  # noqa: E402
-from qwen_edit_worker.timing import StageClock  # noqa: E402
+from qwen_edit_worker.accounting.timing import StageClock  # noqa: E402
+from qwen_edit_worker.serving.gpu_section import GpuSection  # noqa: E402
 
 
 def photo(width: int = 1024, height: int = 1024) -> Image.Image:
@@ -76,7 +76,7 @@ class StandInEditor:
 
 def install(model_ms: float) -> None:
     """Make every Worker of this process load the stand-in instead of the model."""
-    from qwen_edit_worker import worker
+    from qwen_edit_worker.serving import worker
 
     worker.Worker._load = lambda self: StandInEditor(model_ms)  # type: ignore[method-assign]
 

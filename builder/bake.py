@@ -10,7 +10,7 @@ leaves a half-written model behind.
     python builder/bake.py --variant edit-2511 [--model-revision main] [--lora-revision main] [--dest /models]
         [--fuse-lightning] [--precision bf16|int8|fp8] [--text-encoder-precision bf16|int8|fp8]
 
-Preparing at build time (qwen_edit_worker/prepare.py): --fuse-lightning fuses the Lightning LoRA
+Preparing at build time (qwen_edit_worker/weights/prepare.py): --fuse-lightning fuses the Lightning LoRA
 into the transformer and stores the fused weights (the LoRA file is then not kept), so a cold start
 does no LoRA work; --precision and --text-encoder-precision store those components quantised
 (torchao, safetensors).  The manifest's `prepared` block records it; the worker skips that work
@@ -46,10 +46,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-# In a checkout or install the package is importable; in the image's build stage the modules the
-# bake needs are copied to /builder/qwen_edit_worker/, beside this script (see the Dockerfile).
-from qwen_edit_worker import prepare as preparing
-from qwen_edit_worker.variants import VARIANTS, Variant
+# In a checkout or install the package is importable; in the image's build stage only the
+# qwen_edit_worker.weights subpackage is copied to /builder/qwen_edit_worker/weights/, beside this
+# script (a namespace package there: no qwen_edit_worker/__init__.py is needed; see the Dockerfile).
+from qwen_edit_worker.weights import prepare as preparing
+from qwen_edit_worker.weights.variants import VARIANTS, Variant
 
 log = logging.getLogger("bake")
 WEIGHT_FORMATS_SKIPPED = (".bin", ".pt", ".pth", ".ckpt", ".onnx", ".msgpack", ".h5", ".gguf", ".pb")

@@ -1,7 +1,7 @@
 """Shared fixtures: tiny-model workers, test pictures, and environments.
 
 Every model test runs the real diffusers pipelines on tiny random weights built in code
-(qwen_edit_worker.tiny); nothing is mocked and nothing is downloaded.
+(qwen_edit_worker.model.tiny); nothing is mocked and nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from qwen_edit_worker.worker import Worker
+from qwen_edit_worker.serving.worker import Worker
 
 VARIANTS = ("edit", "edit-2509", "edit-2511")
 

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from conftest import small_job
-from qwen_edit_worker import attention
 from qwen_edit_worker.errors import ModelLoadError
-from qwen_edit_worker.variants import VARIANTS
-from qwen_edit_worker.worker import Worker
+from qwen_edit_worker.model import attention
+from qwen_edit_worker.serving.worker import Worker
+from qwen_edit_worker.weights.variants import VARIANTS
 
 
 def injected(ms: dict[str, float | Exception]) -> tuple[Callable[[str], float], list[str]]:

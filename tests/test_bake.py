@@ -13,9 +13,9 @@ import pytest
 
 from conftest import small_job
 from hub_server import Hub, Repo
-from qwen_edit_worker import tiny
-from qwen_edit_worker.variants import VARIANTS
-from qwen_edit_worker.worker import Worker
+from qwen_edit_worker.model import tiny
+from qwen_edit_worker.serving.worker import Worker
+from qwen_edit_worker.weights.variants import VARIANTS
 
 ROOT = Path(__file__).resolve().parent.parent
 VARIANT = VARIANTS["edit-2511"]

@@ -22,7 +22,7 @@ from qwen_edit_client.cli import main
 from qwen_edit_client.endpoint import EndpointClient, EndpointError
 from qwen_edit_client.plan import from_logs
 from qwen_edit_client.report import cost_report, edit_summary, format_edit_summary, format_report, read_logs
-from qwen_edit_worker.worker import Worker
+from qwen_edit_worker.serving.worker import Worker
 
 KEY = "rpa_test_key"
 

@@ -11,12 +11,12 @@ from typing import Any
 import pytest
 
 from conftest import small_job, tiny_env
+from qwen_edit_worker.accounting.timing import StageClock, billed_seconds
 from qwen_edit_worker.errors import ModelLoadError
-from qwen_edit_worker.fitness import model_check
-from qwen_edit_worker.gpu_section import GpuSection
-from qwen_edit_worker.logs import runpod_log_level
-from qwen_edit_worker.timing import StageClock, billed_seconds
-from qwen_edit_worker.worker import Worker
+from qwen_edit_worker.serving.fitness import model_check
+from qwen_edit_worker.serving.gpu_section import GpuSection
+from qwen_edit_worker.serving.logs import runpod_log_level
+from qwen_edit_worker.serving.worker import Worker
 
 
 class TestGpuSection:

@@ -12,10 +12,10 @@ from PIL import Image
 
 from conftest import b64_picture, encode_picture, picture, small_job
 from qwen_edit_worker.errors import RequestError
-from qwen_edit_worker.images_in import decode_image
+from qwen_edit_worker.pictures.images_in import decode_image
 from qwen_edit_worker.schema import FIELDS, EditRequest, ModelDefaults, parse_request
-from qwen_edit_worker.variants import VARIANTS
-from qwen_edit_worker.worker import Worker
+from qwen_edit_worker.serving.worker import Worker
+from qwen_edit_worker.weights.variants import VARIANTS
 
 JSON = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=True, allow_infinity=True)

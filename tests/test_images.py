@@ -11,9 +11,9 @@ import pytest
 from PIL import Image
 
 from conftest import encode_picture, picture
-from qwen_edit_worker import images_out
 from qwen_edit_worker.errors import RequestError
-from qwen_edit_worker.images_in import InputLimits, decode_image, load_image
+from qwen_edit_worker.pictures import images_out
+from qwen_edit_worker.pictures.images_in import InputLimits, decode_image, load_image
 from routes_server import Routes, serve_routes
 
 LIMITS = InputLimits(max_bytes=2_000_000, max_pixels=4_000_000)

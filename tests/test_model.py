@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from conftest import small_job
-from qwen_edit_worker import accel, tiny
 from qwen_edit_worker.errors import ModelLoadError
-from qwen_edit_worker.lightning import fuse_lightning
-from qwen_edit_worker.variants import VARIANTS
-from qwen_edit_worker.worker import Worker
+from qwen_edit_worker.model import accel, tiny
+from qwen_edit_worker.serving.worker import Worker
+from qwen_edit_worker.weights.lightning import fuse_lightning
+from qwen_edit_worker.weights.variants import VARIANTS
 
 BLOCK = "transformer_blocks.0.attn.to_q"
 
@@ -121,7 +121,7 @@ class TestOffload:
 
 class TestPrecisionAndCompile:
     def test_fp8_needs_a_float8_gpu(self) -> None:
-        from qwen_edit_worker import precision
+        from qwen_edit_worker.weights import precision
 
         error = Worker({"TINY_MODEL": "1", "WARMUP": "0", "PRECISION": "fp8"}).handle(small_job())["error"]
         assert error == "PRECISION: fp8 needs a CUDA GPU with float8 units (Ada or Hopper); use bf16 or int8"

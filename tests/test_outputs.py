@@ -19,8 +19,8 @@ from PIL import Image
 
 from api_server import free_port
 from conftest import b64_picture, decode_output_image, small_job, tiny_env
-from qwen_edit_worker.logs import quiet_libraries
-from qwen_edit_worker.worker import Worker
+from qwen_edit_worker.serving.logs import quiet_libraries
+from qwen_edit_worker.serving.worker import Worker
 
 KEY_ID, SECRET = "AKIATESTKEY0001", "s3cr3t/Very+Secret+Key+0001"
 

@@ -100,8 +100,8 @@ class TestStreamedTextEncoder:
         import numpy as np
 
         from conftest import decode_output_image, small_job
-        from qwen_edit_worker import accel
-        from qwen_edit_worker.worker import Worker
+        from qwen_edit_worker.model import accel
+        from qwen_edit_worker.serving.worker import Worker
 
         worker = Worker({"TINY_MODEL": "1", "WARMUP": "0"})
         before = decode_output_image(worker.handle(small_job(seed=5))["images"][0])

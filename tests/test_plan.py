@@ -14,7 +14,7 @@ from qwen_edit_client import catalog
 from qwen_edit_client.cli import main
 from qwen_edit_client.plan import poisson
 from qwen_edit_client.simulate import Config, Job, simulate
-from qwen_edit_worker.cost import table_price
+from qwen_edit_worker.accounting.cost import table_price
 
 ROOT = Path(__file__).resolve().parent.parent
 PRICE, ACTIVE = 0.001, 0.0008

@@ -17,11 +17,12 @@ import torch
 
 from conftest import decode_output_image, small_job
 from hub_server import Hub, Repo
-from qwen_edit_worker import precision, tiny
 from qwen_edit_worker.errors import ModelLoadError
+from qwen_edit_worker.model import tiny
+from qwen_edit_worker.model.sources import ModelSource, resolve
+from qwen_edit_worker.serving.worker import Worker
 from qwen_edit_worker.settings import Settings
-from qwen_edit_worker.sources import ModelSource, resolve
-from qwen_edit_worker.worker import Worker
+from qwen_edit_worker.weights import precision
 from test_bake import VARIANT, bake, lora_bytes, repos, tiny_repo  # noqa: F401 (fixtures)
 
 LORA_REF = f"{VARIANT.lora_repo}@fedcba9876543210fedcba9876543210fedcba98"
@@ -191,9 +192,22 @@ class TestContradictions:
 
 
 class TestImageBuildStage:
+    def test_the_weights_subpackage_imports_nothing_else_of_the_worker(self) -> None:
+        """The bake layer depends on weights/ alone: an import of another part would break the build stage."""
+        import ast
+
+        folder = Path(__file__).resolve().parent.parent / "src/qwen_edit_worker/weights"
+        for file in folder.glob("*.py"):
+            for node in ast.walk(ast.parse(file.read_text())):
+                if isinstance(node, ast.ImportFrom):
+                    assert node.level <= 1, f"{file.name} imports from outside weights/: {ast.unparse(node)}"
+                    assert node.level == 1 or not (node.module or "").startswith("qwen_edit_worker"), file.name
+                elif isinstance(node, ast.Import):
+                    assert not any(a.name.startswith("qwen_edit_worker") for a in node.names), file.name
+
     def test_the_files_the_dockerfile_copies_are_enough_to_fuse_and_quantise(
             self, tmp_path: Path, tiny_repo: dict[str, bytes], lora_bytes: bytes) -> None:  # noqa: F811
-        """The build stage has bake.py and the modules copied beside it, not the installed package."""
+        """The build stage has bake.py and the weights subpackage copied beside it, not the installed package."""
         import os
         import re
         import shlex
@@ -209,10 +223,17 @@ class TestImageBuildStage:
                 *sources, dest = shlex.split(line)[1:]
                 target = builder / dest.removeprefix("/builder/")
                 for source in sources:
+                    if (root / source).is_dir():  # COPY dir/ dest/ copies the folder's contents
+                        shutil.copytree(root / source, target, ignore=shutil.ignore_patterns("__pycache__"))
+                        continue
                     into = target / Path(source).name if dest.endswith("/") else target
                     into.parent.mkdir(parents=True, exist_ok=True)
                     shutil.copy(root / source, into)
-        assert (builder / "bake.py").is_file() and (builder / "qwen_edit_worker" / "prepare.py").is_file()
+        assert (builder / "bake.py").is_file()
+        copied = sorted(p.relative_to(builder).as_posix() for p in builder.rglob("*.py"))
+        # one self-contained part of the package: the weights subpackage and nothing else of the worker
+        assert {p for p in copied if p != "bake.py"} == {
+            f"qwen_edit_worker/weights/{f.name}" for f in (root / "src/qwen_edit_worker/weights").glob("*.py")}
         env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING", "PYTHONPATH"))}
         dest = tmp_path / "models"
         with Hub(repos(tiny_repo, lora_bytes)) as hub:

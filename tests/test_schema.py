@@ -8,7 +8,7 @@ import pytest
 
 from qwen_edit_worker.errors import RequestError
 from qwen_edit_worker.schema import FIELDS, ModelDefaults, parse_request
-from qwen_edit_worker.variants import VARIANTS
+from qwen_edit_worker.weights.variants import VARIANTS
 
 PLUS = VARIANTS["edit-2511"]
 EDIT = VARIANTS["edit"]

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from qwen_edit_worker.errors import SettingsError
+from qwen_edit_worker.model.sources import resolve
 from qwen_edit_worker.settings import SETTINGS, Settings
-from qwen_edit_worker.sources import resolve
 
 
 class TestDefaults:
@@ -88,7 +88,7 @@ class TestModelSources:
         return folder
 
     def test_huggingface_cache_repo_folder(self, tmp_path: Path) -> None:
-        from qwen_edit_worker.variants import VARIANTS
+        from qwen_edit_worker.weights.variants import VARIANTS
 
         variant = VARIANTS["edit-2511"]
         repo = self._cache_repo(tmp_path, variant.repo, "a" * 40)

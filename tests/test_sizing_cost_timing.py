@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from qwen_edit_worker.cost import PRICE_TABLE, job_cost, table_price
-from qwen_edit_worker.sizing import output_size, working_area
-from qwen_edit_worker.timing import STAGES, StageClock, timing_report
+from qwen_edit_worker.accounting.cost import PRICE_TABLE, job_cost, table_price
+from qwen_edit_worker.accounting.timing import STAGES, StageClock, timing_report
+from qwen_edit_worker.pictures.sizing import output_size, working_area
 
 
 class TestOutputSize:

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from qwen_edit_worker.urlfetch import MAX_REDIRECTS, FetchError, FetchPolicy, address_problem, fetch
+from qwen_edit_worker.pictures.urlfetch import MAX_REDIRECTS, FetchError, FetchPolicy, address_problem, fetch
 from routes_server import Routes, serve_routes
 
 POLICY = FetchPolicy(max_bytes=100_000)

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from conftest import VARIANTS, b64_picture, decode_output_image, small_job, tiny_env
-from qwen_edit_worker.timing import STAGES
-from qwen_edit_worker.worker import Worker
+from qwen_edit_worker.accounting.timing import STAGES
+from qwen_edit_worker.serving.worker import Worker
 
 WorkerFor = Callable[..., Worker]
 
@@ -181,8 +181,8 @@ class TestLoading:
         """The real loading path (from_pretrained on a folder, LoRA at the baked layout), tiny weights."""
         import diffusers
 
-        from qwen_edit_worker import tiny
-        from qwen_edit_worker.variants import VARIANTS as TABLE
+        from qwen_edit_worker.model import tiny
+        from qwen_edit_worker.weights.variants import VARIANTS as TABLE
 
         variant = TABLE["edit-2509"]
         pipe = getattr(diffusers, variant.pipeline_class)(**tiny.build_components(variant, tiny.base_scheduler()))
@@ -197,8 +197,8 @@ class TestLoading:
 def test_damaged_weights_name_the_folder(tmp_path: Path) -> None:
     import diffusers
 
-    from qwen_edit_worker import tiny
-    from qwen_edit_worker.variants import VARIANTS as TABLE
+    from qwen_edit_worker.model import tiny
+    from qwen_edit_worker.weights.variants import VARIANTS as TABLE
 
     variant = TABLE["edit"]
     pipe = getattr(diffusers, variant.pipeline_class)(**tiny.build_components(variant, tiny.base_scheduler()))

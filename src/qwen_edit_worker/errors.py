@@ -3,19 +3,15 @@
 Why this exists: a caller must be able to act on an error without reading our code, so every
 error names what it is about (a request field like `input.seed`, or a setting like `MODEL_PATH`)
 and what is allowed, in one shape: "<subject>: <what is wrong and what is allowed>".  Tracebacks
-go to the log, never to the caller.
+go to the log, never to the caller.  The base type and ModelLoadError are defined in
+`weights.errors` (the bake imports that subpackage alone) and re-exported here.
 """
 
 from __future__ import annotations
 
+from .weights.errors import ModelLoadError, WorkerError
 
-class WorkerError(Exception):
-    """An error whose message is safe and useful to show to the caller."""
-
-    def __init__(self, subject: str, message: str) -> None:
-        super().__init__(f"{subject}: {message}")
-        self.subject = subject
-        self.message = message
+__all__ = ["ModelLoadError", "RequestError", "SettingsError", "WorkerError", "describe"]
 
 
 class RequestError(WorkerError):
@@ -24,10 +20,6 @@ class RequestError(WorkerError):
 
 class SettingsError(WorkerError):
     """An environment setting has a value the worker cannot use; `subject` is its name."""
-
-
-class ModelLoadError(WorkerError):
-    """The model could not be loaded; `subject` names the setting or file at fault."""
 
 
 def describe(value: object, limit: int = 40) -> str:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import RequestError, describe
-from .variants import Variant
+from .weights.variants import Variant
 
 MAX_PROMPT_CHARS = 2000
 MAX_SEED = 2**32 - 1

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from .errors import SettingsError
-from .precision import PRECISIONS
-from .variants import DEFAULT_VARIANT, VARIANTS, Variant
+from .weights.precision import PRECISIONS
+from .weights.variants import DEFAULT_VARIANT, VARIANTS, Variant
 
 ATTENTION_BACKENDS = ("auto", "native", "xformers", "flash", "_native_cudnn", "_native_flash", "_native_efficient")
 MEMORY_SAVING_MODES = ("auto", "on", "off")

@@ -20,8 +20,8 @@ import numpy as np
 import pybase64
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from ..errors import RequestError
 from . import urlfetch
-from .errors import RequestError
 
 MIN_SIDE = 32
 _WHITESPACE = re.compile(r"\s")

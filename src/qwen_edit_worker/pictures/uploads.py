@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
-from .errors import RequestError, WorkerError
+from ..errors import RequestError, WorkerError
 
 log = logging.getLogger(__name__)
 PRESIGN_SECONDS = 7 * 24 * 3600

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from .variants import Variant
+from ..weights.variants import Variant
 
 TINY_SEED = 0
 HIDDEN = 16

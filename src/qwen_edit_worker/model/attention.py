@@ -23,8 +23,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import ModelLoadError
-from .variants import Variant
+from ..errors import ModelLoadError
+from ..weights.variants import Variant
 
 log = logging.getLogger(__name__)
 

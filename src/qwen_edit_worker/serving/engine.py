@@ -10,7 +10,7 @@ inside `__call__` (through their module-level `calculate_dimensions(1024 * 1024,
 output size is asked for.  That is a quarter of the tokens wasted at 0.25 MP.  `working_area`
 maps that one target area to the job's area for the duration of the call (the EditPlus VL
 encoder's own 384*384 condition size is left alone).  Calls run one at a time on the GPU
-section's thread (gpu_section.py, which records each job's wait as its `queue` time), so the
+section's thread (serving/gpu_section.py, which records each job's wait as its `queue` time), so the
 swap is never seen by a concurrent job; a test pins the behaviour against the installed
 diffusers.
 """
@@ -27,9 +27,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..accounting.timing import StageClock
+from ..model.loader import LoadedModel
 from .gpu_section import GpuSection
-from .loader import LoadedModel
-from .timing import StageClock
 
 PIPELINE_DEFAULT_AREA = 1024 * 1024
 

@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from .precision import linear_weight_bytes
+from ..weights.precision import linear_weight_bytes
 
 GB = 1000**3
 # Peak activations of the largest job the API allows (2 MP output, num_images 4, 3 steps): the

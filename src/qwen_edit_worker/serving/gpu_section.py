@@ -21,7 +21,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
-from .timing import StageClock
+from ..accounting.timing import StageClock
 
 T = TypeVar("T")
 

@@ -1,7 +1,7 @@
 """Compilation: the setting that takes Python and kernel-launch overhead out of each step on a GPU.
 
 Why this exists: a 3-step edit on an H100 is dominated by three transformer passes (~167 TFLOP
-each at 1 MP), so the transformer's arithmetic is where cost goes (precision.py makes each
+each at 1 MP), so the transformer's arithmetic is where cost goes (weights/precision.py makes each
 operation cheaper; this module makes the block run as compiled kernels).
 - COMPILE=regional compiles the transformer's repeated block once (diffusers'
   `compile_repeated_blocks`) and warms it up during loading, so no job pays for compilation.

@@ -19,9 +19,9 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ModelLoadError
-from .precision import PRECISIONS
-from .variants import Variant
+from ..errors import ModelLoadError
+from ..weights.precision import PRECISIONS
+from ..weights.variants import Variant
 
 log = logging.getLogger(__name__)
 

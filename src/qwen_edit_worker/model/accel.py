@@ -3,7 +3,7 @@
 Why this exists: the obvious call is wrong for Qwen (facts.md section 4):
 `enable_attention_slicing()` silently does nothing, because no Qwen component has
 `set_attention_slice`; the savers that act are the VAE's slicing and tiling.  (Likewise
-`enable_xformers_memory_efficient_attention()` breaks Qwen: attention.py sets backends through
+`enable_xformers_memory_efficient_attention()` breaks Qwen: model/attention.py sets backends through
 diffusers' dispatcher instead.)  This module puts the pipeline on its devices as the placement
 plan says and reports exactly what took effect.
 """
@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from .errors import ModelLoadError
+from ..errors import ModelLoadError
 
 log = logging.getLogger(__name__)
 LARGE_GPU_BYTES = 48 * 1000**3  # MEMORY_SAVING=auto turns savers on below this
@@ -27,7 +27,7 @@ def check_offload(offload: str, cuda: bool) -> None:
 
 
 def place(pipe: Any, offload: str, cuda: bool) -> None:
-    """Put the pipeline on its devices as placement `offload` says (placement.py explains each).
+    """Put the pipeline on its devices as placement `offload` says (placement/planner.py explains each).
 
     Offload keeps weights in CPU memory and moves them to the GPU as they are needed, so a GPU
     smaller than the model (57.7 GB in bf16) can run it, at the price of transfers every job.

@@ -16,9 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import accel, attention, lightning, placement, precision, sources, speedups
-from .errors import ModelLoadError
-from .settings import Settings
+from .. import placement
+from ..errors import ModelLoadError
+from ..settings import Settings
+from ..weights import lightning, precision
+from . import accel, attention, sources, speedups
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ transformer, and (with PRECISION/TEXT_ENCODER_PRECISION set) quantises 28 B para
 image carries and the host reads the full bf16 weights.  builder/bake.py calls `prepare` once, on
 the build machine (a CPU is enough for the fuse and for int8), and the worker then loads the
 stored result as it is: `manifest.json`'s `prepared` block says what was done, and the loader
-skips it (sources.py refuses settings that contradict it).
+skips it (model/sources.py refuses settings that contradict it).
 
 Order matters: the LoRA is fused in the checkpoint's own dtype first, then quantisation reads the
 fused weights (a bf16 LoRA over quantised weights gave grid artifacts upstream).  Quantised

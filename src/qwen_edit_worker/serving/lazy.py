@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
-from .errors import ModelLoadError, WorkerError
+from ..errors import ModelLoadError, WorkerError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

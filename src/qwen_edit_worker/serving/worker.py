@@ -15,13 +15,13 @@ import secrets
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from . import images_in, images_out, sizing, uploads
-from .cost import job_cost
-from .errors import SettingsError, WorkerError
+from ..accounting.cost import job_cost
+from ..accounting.timing import StageClock, billed_seconds, timing_report
+from ..errors import SettingsError, WorkerError
+from ..pictures import images_in, images_out, sizing, uploads
+from ..schema import MAX_SEED, EditRequest, ModelDefaults, parse_request
+from ..settings import Settings
 from .lazy import LazyLoad
-from .schema import MAX_SEED, EditRequest, ModelDefaults, parse_request
-from .settings import Settings
-from .timing import StageClock, billed_seconds, timing_report
 
 log = logging.getLogger(__name__)
 Progress = Callable[[Mapping[str, Any], Any], None]
@@ -63,9 +63,9 @@ class Worker:
         return self.settings.concurrency if self.settings is not None else 1
 
     def _load(self) -> Any:
+        from ..model.loader import load_model
+        from ..model.speedups import warm_up
         from .engine import Editor
-        from .loader import load_model
-        from .speedups import warm_up
 
         assert self.settings is not None
         editor = Editor(load_model(self.settings))

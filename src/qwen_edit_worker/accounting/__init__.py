@@ -1,0 +1,1 @@
+"""What a job took and what it cost: `timing` (the stage clock and report), `cost` (GPU price table)."""
