@@ -9,6 +9,7 @@ Loading never reaches the network: HF_HUB_OFFLINE is set and only local files ar
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -42,6 +43,7 @@ class LoadedModel:
     placement: placement.Plan = field(default_factory=lambda: placement.plan({}, None))
     manifest: dict[str, str] | None = None
     lightning_fused: str | None = None  # where the Lightning LoRA was fused: "bake", "load", or None (base model)
+    quantised: dict[str, Any] = field(default_factory=dict)  # component -> where and how long, when done at load
     load_seconds: float = 0.0
 
     def info(self, steps: int) -> dict[str, Any]:
@@ -59,6 +61,7 @@ class LoadedModel:
             "precision": self.settings.precision,
             "text_encoder_precision": self.settings.text_encoder_precision,
             "lightning_fused": self.lightning_fused,
+            "quantised_at_load": dict(self.quantised),
             "compile": self.settings.compile,
             "dtype": self.dtype,
             "device": self.device,
@@ -95,17 +98,21 @@ def load_model(settings: Settings) -> LoadedModel:
     # When everything fits as stored, weights are read straight onto the device (no CPU copy).
     pipe = _build_pipeline(settings, source, dtype, device if straight or not cuda else None)
     if plan is None:
-        plan = placement.plan(_resident_bytes(pipe), gpu_bytes, mode=settings.offload)
+        plan = placement.plan(_resident_bytes(pipe), gpu_bytes, settings.offload, **_plan_options(settings, gpu_bytes))
     if cuda and not straight and _transformer_fits(stored, gpu_bytes):
         pipe.transformer.to(device)  # fuse and quantise on the GPU; the placement below takes it from there
     lora_layers, fused_at = _apply_lightning(pipe, settings, source)
-    _quantise_transformer(pipe, settings, source)  # after the fuse: never a bf16 LoRA over quantised weights
+    # After the fuse (never a bf16 LoRA over quantised weights); block by block onto where the plan keeps it.
+    resident = plan.offload in ("none", "text_encoder")
+    quantised = _quantise_transformer(pipe, settings, source, device, device if resident else "cpu")
     attention.apply(pipe.transformer, chosen.backend)
     if settings.compile == "regional":
         speedups.compile_regional(pipe.transformer)
-    if plan.offload != "none":
+    if resident:
+        pipe.transformer.to(device)  # the layers that were not quantised (norms, embeddings) follow
+    else:
         pipe.transformer.to("cpu")
-    _quantise_text_encoder(pipe, settings, source, device)
+    quantised.update(_quantise_text_encoder(pipe, settings, source, device))
     accel.place(pipe, plan.offload, cuda)
 
     gpu_name = torch.cuda.get_device_name(0) if cuda else None
@@ -115,6 +122,7 @@ def load_model(settings: Settings) -> LoadedModel:
         pipe=pipe, settings=settings, device=device, dtype=str(dtype).removeprefix("torch."), gpu_name=gpu_name,
         attention=chosen, placement=plan, memory_saving=saving, source="tiny" if source is None else str(source.path),
         lora_layers=lora_layers, manifest=None if source is None else source.manifest(), lightning_fused=fused_at,
+        quantised=quantised,
     )
     model.load_seconds = time.perf_counter() - started
     log.info(
@@ -124,6 +132,7 @@ def load_model(settings: Settings) -> LoadedModel:
         model.dtype, settings.precision, settings.text_encoder_precision, settings.lightning, fused_at or "-",
         lora_layers, chosen.backend, ",".join(saving) or "off", plan.offload, settings.compile,
     )
+    log.info("placement: %s", json.dumps(plan.info()))
     return model
 
 
@@ -156,7 +165,7 @@ def _check_folder(path: Path) -> None:
 def _plan(settings: Settings, path: Path, gpu_bytes: int | None) -> placement.Plan:
     """The placement for the folder's components at the precisions they will run in; logged with its numbers."""
     sizes = placement.model_bytes(path, settings.precision, settings.text_encoder_precision)
-    plan = placement.plan(sizes, gpu_bytes, mode=settings.offload)
+    plan = placement.plan(sizes, gpu_bytes, settings.offload, **_plan_options(settings, gpu_bytes))
     log.info("placement: offload=%s (%s); component GB: %s", plan.offload, plan.reason,
              ", ".join(f"{k}={v / placement.GB:.1f}" for k, v in sizes.items()))
     if not plan.fits and settings.offload == "auto":
@@ -164,6 +173,13 @@ def _plan(settings: Settings, path: Path, gpu_bytes: int | None) -> placement.Pl
     if not plan.fits:
         log.warning("placement: OFFLOAD=%s does not fit this GPU: %s", settings.offload, plan.reason)
     return plan
+
+
+def _plan_options(settings: Settings, gpu_bytes: int | None) -> dict[str, Any]:
+    """What the plan needs to know beyond sizes: quantised activations, VAE tiling, the pipeline's kind."""
+    return {"quantised": settings.precision != "bf16",
+            "vae_tiled": accel.memory_saving_enabled(settings.memory_saving, gpu_bytes),
+            "edit_plus": settings.variant.pipeline_class != "QwenImageEditPipeline"}
 
 
 def _stored_fits(stored: dict[str, int] | None, gpu_bytes: int | None) -> bool:
@@ -212,20 +228,25 @@ def _baked(source: sources.ModelSource | None) -> tuple[str, str]:
     return ("bf16", "bf16") if source is None else (source.transformer_precision, source.text_encoder_precision)
 
 
-def _quantise_transformer(pipe: Any, settings: Settings, source: sources.ModelSource | None) -> None:
+def _quantise_transformer(pipe: Any, settings: Settings, source: sources.ModelSource | None, device: str,
+                          home: str) -> dict[str, Any]:
+    """Quantise a bf16 bake at load, block by block on `device` (the GPU when there is one), each block left on
+    `home`; {"transformer": where and how long}, or {} when the bake is already at PRECISION."""
     # check_settings allows only an equal precision or a bf16 bake: quantise only the latter.
-    if settings.precision != _baked(source)[0]:
-        precision.quantise_transformer(pipe.transformer, settings.precision)
+    if settings.precision == _baked(source)[0]:
+        return {}
+    return {"transformer": precision.quantise_by_block(pipe.transformer, settings.precision, device, home)}
 
 
-def _quantise_text_encoder(pipe: Any, settings: Settings, source: sources.ModelSource | None, device: str) -> None:
+def _quantise_text_encoder(pipe: Any, settings: Settings, source: sources.ModelSource | None, device: str
+                           ) -> dict[str, Any]:
     if settings.text_encoder_precision == _baked(source)[1]:
-        return
+        return {}
     encoder = pipe.text_encoder
-    home = encoder.device
-    encoder.to(device)  # quantise where it runs (torchao creates fp8 only beside an sm89 GPU); offload moves it back
-    precision.quantise_text_encoder(encoder, settings.text_encoder_precision)
-    encoder.to(home)
+    # Layer by layer on the device (torchao creates fp8 only beside an sm89 GPU; the resident transformer leaves
+    # no room for the whole bf16 encoder on 24 GB), each layer back where the encoder lives; offload moves it on.
+    return {"text_encoder": precision.quantise_by_block(encoder, settings.text_encoder_precision, device,
+                                                        encoder.device, precision.text_encoder_chosen(encoder))}
 
 
 def _lora_path(settings: Settings, source: sources.ModelSource | None) -> tuple[Path, str]:
