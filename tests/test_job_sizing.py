@@ -1,0 +1,156 @@
+"""A job sized against the plan, through the handler: refused before the GPU, or split into batches with the
+same pictures; and quantisation at load, block by block, giving the same pixels as the whole-model path.
+
+The plans are injected into real tiny-model workers (the real model's sizes on a pretended GPU), so the
+answers are the ones a 24 GB worker would give, with the real pipelines underneath."""
+
+from __future__ import annotations
+
+import base64
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import decode_output_image, encode_picture, small_job, tiny_env
+from qwen_edit_worker import placement
+from qwen_edit_worker.placement import GB, JobShape, reference_sizes
+from qwen_edit_worker.serving.worker import Worker
+from qwen_edit_worker.weights import precision
+
+
+def editor_of(worker: Worker) -> Any:
+    return worker.model.get()[0]
+
+
+@contextmanager
+def counting(module: torch.nn.Module) -> Iterator[list[int]]:
+    """Count forward calls of `module` while the block runs."""
+    calls = [0]
+    handle = module.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    try:
+        yield calls
+    finally:
+        handle.remove()
+
+
+@contextmanager
+def injected(worker: Worker, plan: placement.Plan) -> Iterator[None]:
+    model = editor_of(worker).model
+    before, model.placement = model.placement, plan
+    try:
+        yield
+    finally:
+        model.placement = before
+
+
+def plan_batching(job: JobShape, batch: int) -> placement.Plan:
+    """A plan on the real int8 sizes whose GPU is just large enough for `batch` images of `job` at once."""
+    sizes = reference_sizes("int8", "int8")
+    def at(megabytes: int) -> placement.Plan:  # OFFLOAD=model: the transformer alone beside the job's activations
+        return placement.plan(sizes, megabytes * 10**6, "model", quantised=True)
+
+    sizes_that_fit = [mb for mb in range(22_000, 22_500) if at(mb).batch_for(job) == batch]
+    assert sizes_that_fit, "no GPU size gives that batch"
+    return at(sizes_that_fit[len(sizes_that_fit) // 2])  # the middle: the worker's working sizes differ by a few px
+
+
+class TestRefusedBeforeTheGpu:
+    def test_a_job_over_the_limit_is_refused_naming_megapixels_and_nothing_runs(self, worker_for: Any) -> None:
+        worker = worker_for("edit-2511")
+        worker.handle(small_job())  # loaded
+        plan = placement.plan(reference_sizes("int8", "int8"), 24 * GB, quantised=True)
+        pipe = editor_of(worker).model.pipe
+        big = base64.b64encode(encode_picture(Image.new("RGB", (2048, 2048), (40, 90, 160)))).decode()
+        with injected(worker, plan), counting(pipe.transformer) as steps, counting(pipe.text_encoder) as prompts:
+            out = worker.handle(small_job(image=big, width=2048, height=2048))
+        largest = plan.max_megapixels(1)
+        assert largest is not None and 2.0 <= largest < 4.0
+        error = out.get("error", "")
+        assert error.startswith("input.megapixels: a 4.00 MP output from 1 picture(s) needs ~"), out.keys()
+        assert f"(offload=text_encoder); the largest this worker can do with 1 picture(s) is {largest:.2f} MP" in error
+        assert (steps[0], prompts[0]) == (0, 0)  # refused before the text encoder or the transformer ran
+        assert "refresh_worker" not in out
+
+    def test_the_same_job_runs_within_the_limit(self, worker_for: Any) -> None:
+        worker = worker_for("edit-2511")
+        plan = placement.plan(reference_sizes("int8", "int8"), 24 * GB, quantised=True)
+        with injected(worker, plan):
+            out = worker.handle(small_job(width=64, height=64))
+        assert "error" not in out and out["model"]["placement"] == plan.info()
+
+
+class TestBatches:
+    @pytest.mark.parametrize("variant", ["edit", "edit-2511"])
+    def test_four_images_one_at_a_time_equal_four_at_once(self, worker_for: Any, variant: str) -> None:
+        worker = worker_for(variant)
+        together = worker.handle(small_job(num_images=4, seed=3))
+        assert "error" not in together, together
+        tiny_job = placement.job_shape((64, 64), [(64, 64)], small_job()["input"]["prompt"], 4, variant != "edit")
+        plan = plan_batching(tiny_job, 1)
+        pipe = editor_of(worker).model.pipe
+        with injected(worker, plan), counting(pipe.transformer) as passes, counting(pipe.text_encoder) as prompts:
+            apart = worker.handle(small_job(num_images=4, seed=3))
+        assert "error" not in apart, apart
+        assert (passes[0], prompts[0]) == (4 * 3, 1)  # four batches of three steps; the prompt encoded once
+        assert [i["seed"] for i in apart["images"]] == [i["seed"] for i in together["images"]] == [3, 4, 5, 6]
+        for one, other in zip(apart["images"], together["images"], strict=True):
+            a, b = decode_output_image(one).astype(int), decode_output_image(other).astype(int)
+            assert np.abs(a - b).max() <= 1  # float tolerance, seen through 8-bit pixels
+        first = [decode_output_image(i) for i in apart["images"]]
+        assert not np.array_equal(first[0], first[1])  # each image its own seed, not one picture copied
+
+    def test_two_batches_of_two_and_the_steps_reported(self, worker_for: Any) -> None:
+        worker = worker_for("edit-2509")
+        tiny_job = placement.job_shape((64, 64), [(64, 64)], small_job()["input"]["prompt"], 3, True)
+        plan = plan_batching(tiny_job, 2)
+        pipe = editor_of(worker).model.pipe
+        with injected(worker, plan), counting(pipe.transformer) as passes:
+            out = worker.handle(small_job(num_images=3, seed=1))
+        assert "error" not in out and len(out["images"]) == 3 and passes[0] == 2 * 3
+
+
+class TestQuantisedByBlock:
+    def test_int8_block_by_block_at_load_gives_the_pixels_of_the_whole_model_path(self) -> None:
+        by_block = Worker(tiny_env(PRECISION="int8", TEXT_ENCODER_PRECISION="int8"))
+        out = by_block.handle(small_job(seed=9))
+        assert "error" not in out, out
+        record = out["model"]["quantised_at_load"]
+        assert record["transformer"]["where"] == "cpu, block by block"
+        blocks = len(editor_of(by_block).model.pipe.transformer.transformer_blocks)
+        assert record["transformer"]["blocks"] > blocks  # every block, plus the linears outside them
+        assert record["text_encoder"]["where"] == "cpu, block by block"
+
+        whole = Worker(tiny_env())
+        whole.handle(small_job(seed=9))
+        pipe = editor_of(whole).model.pipe
+        precision.quantise_transformer(pipe.transformer, "int8")
+        precision.quantise_text_encoder(pipe.text_encoder, "int8")
+        reference = whole.handle(small_job(seed=9))
+        by_block_pipe = editor_of(by_block).model.pipe
+        assert precision.quantised_linears(by_block_pipe.transformer) == precision.quantised_linears(pipe.transformer)
+        assert precision.quantised_linears(by_block_pipe.text_encoder) == precision.quantised_linears(pipe.text_encoder)
+        assert np.array_equal(decode_output_image(out["images"][0]), decode_output_image(reference["images"][0]))
+
+    def test_the_vision_tower_stays_bf16_block_by_block_too(self) -> None:
+        worker = Worker(tiny_env(TEXT_ENCODER_PRECISION="int8"))
+        assert "error" not in worker.handle(small_job())
+        encoder = editor_of(worker).model.pipe.text_encoder
+        assert precision.quantised_linears(encoder.model.visual) == 0
+        assert precision.quantised_linears(encoder.model.language_model) > 0
+
+
+def test_the_load_log_carries_the_plan_the_jobs_report(caplog: pytest.LogCaptureFixture) -> None:
+    import json
+
+    with caplog.at_level(logging.INFO, logger="qwen_edit_worker.model.loader"):
+        worker = Worker(tiny_env())
+        out = worker.handle(small_job())
+    logged = [r.getMessage().removeprefix("placement: ") for r in caplog.records
+              if r.getMessage().startswith("placement: {")]
+    assert [json.loads(line) for line in logged] == [out["model"]["placement"]]
