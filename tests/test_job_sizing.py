@@ -154,3 +154,41 @@ def test_the_load_log_carries_the_plan_the_jobs_report(caplog: pytest.LogCapture
     logged = [r.getMessage().removeprefix("placement: ") for r in caplog.records
               if r.getMessage().startswith("placement: {")]
     assert [json.loads(line) for line in logged] == [out["model"]["placement"]]
+
+
+class TestPrecisionAuto:
+    @pytest.mark.parametrize(("cuda", "capability", "baked", "chosen"), [
+        (True, (8, 6), "bf16", "int8"),  # A5000, 3090: Ampere
+        (True, (8, 0), "bf16", "int8"),  # A100
+        (True, (8, 9), "bf16", "fp8"),  # L4, 4090, L40S: Ada
+        (True, (9, 0), "bf16", "fp8"),  # H100, H200
+        (True, (7, 5), "bf16", "bf16"),  # T4: neither
+        (False, None, "bf16", "bf16"),  # a CPU
+        (True, (9, 0), "int8", "int8"),  # a quantised bake decides
+    ])
+    def test_auto_chooses_by_compute_capability(self, cuda: bool, capability: tuple[int, int] | None, baked: str,
+                                                chosen: str) -> None:
+        assert precision.resolve("auto", cuda, capability, baked) == chosen
+        assert precision.resolve("int8", cuda, capability, baked) == "int8"  # explicit values pass through
+
+    def test_auto_on_a_cpu_loads_bf16_and_reports_it(self) -> None:
+        out = Worker(tiny_env(PRECISION="auto")).handle(small_job())
+        assert "error" not in out, out
+        assert out["model"]["precision"] == "bf16" and out["model"]["quantised_at_load"] == {}
+
+    def test_the_text_encoder_takes_no_auto(self) -> None:
+        error = Worker(tiny_env(TEXT_ENCODER_PRECISION="auto")).handle(small_job())["error"]
+        assert error == "TEXT_ENCODER_PRECISION: must be one of bf16, int8, fp8 (got 'auto')"
+
+    def test_the_command_sizes_auto_as_the_quantised_transformer(self) -> None:
+        import json
+        import subprocess
+        import sys
+
+        def info(value: str) -> dict[str, Any]:
+            done = subprocess.run([sys.executable, "-m", "qwen_edit_worker.placement", "--gpu-gb", "24",
+                                   "--precision", value, "--text-encoder-precision", "int8"],
+                                  capture_output=True, text=True, timeout=60, check=True)
+            return {k: v for k, v in json.loads(done.stdout).items() if k != "precision"}
+
+        assert info("auto") == info("fp8") == info("int8")

@@ -9,6 +9,7 @@ Loading never reaches the network: HF_HUB_OFFLINE is set and only local files ar
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -89,7 +90,9 @@ def load_model(settings: Settings) -> LoadedModel:
         _check_folder(source.path)
     if settings.offload not in ("auto", "none"):
         accel.check_offload(settings.offload, cuda)  # fail before reading 58 GB of weights
-    _check_precisions(settings, source, cuda, torch.cuda.get_device_capability(0) if cuda else None)
+    capability = torch.cuda.get_device_capability(0) if cuda else None
+    settings = _resolve_precision(settings, source, cuda, capability)
+    _check_precisions(settings, source, cuda, capability)
     gpu_bytes = torch.cuda.get_device_properties(0).total_memory if cuda else None
     # Decided from the safetensors headers before any weight is read (the tiny model: after building).
     plan = None if source is None else _plan(settings, source.path, gpu_bytes)
@@ -201,6 +204,18 @@ def _resident_bytes(pipe: Any) -> dict[str, int]:
 
 
 # --- Lightning and precision: what the bake already did is skipped, the rest is done here. ---
+
+def _resolve_precision(settings: Settings, source: sources.ModelSource | None, cuda: bool,
+                       capability: tuple[int, int] | None) -> Settings:
+    """PRECISION=auto made concrete for this GPU (and bake); the loaded model reports the value chosen."""
+    if settings.precision != "auto":
+        return settings
+    chosen = precision.resolve("auto", cuda, capability, _baked(source)[0])
+    log.info("PRECISION=auto: %s (compute capability %s%s)", chosen,
+             "none" if capability is None else f"{capability[0]}.{capability[1]}",
+             "; as baked" if _baked(source)[0] != "bf16" else "")
+    return dataclasses.replace(settings, precision=chosen)
+
 
 def _check_precisions(settings: Settings, source: sources.ModelSource | None, cuda: bool,
                       capability: tuple[int, int] | None) -> None:

@@ -15,7 +15,7 @@ import json
 import sys
 from pathlib import Path
 
-from ..weights.precision import PRECISIONS
+from ..weights.precision import PRECISION_SETTINGS, PRECISIONS
 from ..weights.variants import DEFAULT_VARIANT, VARIANTS
 from .planner import GB, MODES, model_bytes, plan, reference_sizes
 
@@ -24,7 +24,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m qwen_edit_worker.placement",
                                      description="Print the placement plan for a GPU size and precisions (JSON).")
     parser.add_argument("--gpu-gb", type=float, required=True, help="GPU memory in GB (10^9 bytes)")
-    parser.add_argument("--precision", choices=PRECISIONS, default="bf16", help="PRECISION (the transformer)")
+    parser.add_argument("--precision", choices=PRECISION_SETTINGS, default="bf16",
+                        help="PRECISION (the transformer; auto: fp8 or int8 by GPU, the same bytes)")
     parser.add_argument("--text-encoder-precision", choices=PRECISIONS, default="bf16",
                         help="TEXT_ENCODER_PRECISION")
     parser.add_argument("--offload", choices=("auto", *MODES), default="auto", help="OFFLOAD (default auto)")
@@ -39,20 +40,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"--gpu-gb: must be a positive size in GB (got {args.gpu_gb:g})", file=sys.stderr)
         return 2
     variant = VARIANTS[args.variant]
+    sized = "int8" if args.precision == "auto" else args.precision  # fp8 and int8 take the same bytes
     if args.model_path is not None:
         if not (args.model_path / "model_index.json").is_file():
             print(f"--model-path: {args.model_path} is not a diffusers pipeline folder (no model_index.json)",
                   file=sys.stderr)
             return 2
         try:
-            sizes = model_bytes(args.model_path, args.precision, args.text_encoder_precision)
+            sizes = model_bytes(args.model_path, sized, args.text_encoder_precision)
         except (OSError, ValueError, KeyError) as err:
             print(f"--model-path: cannot read the safetensors headers in {args.model_path}: {err}", file=sys.stderr)
             return 2
         index = json.loads((args.model_path / "model_index.json").read_text())
         edit_plus = index.get("_class_name") != "QwenImageEditPipeline"
     else:
-        sizes = reference_sizes(args.precision, args.text_encoder_precision)
+        sizes = reference_sizes(sized, args.text_encoder_precision)
         edit_plus = variant.pipeline_class != "QwenImageEditPipeline"
     tiled = None if args.memory_saving == "auto" else args.memory_saving == "on"
     result = plan(sizes, int(args.gpu_gb * GB), args.offload, quantised=args.precision != "bf16", vae_tiled=tiled,

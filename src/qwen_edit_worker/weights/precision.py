@@ -32,7 +32,8 @@ from typing import Any
 from .errors import ModelLoadError
 
 log = logging.getLogger(__name__)
-PRECISIONS = ("bf16", "int8", "fp8")  # the values of PRECISION and TEXT_ENCODER_PRECISION
+PRECISIONS = ("bf16", "int8", "fp8")  # the values of TEXT_ENCODER_PRECISION and of a bake
+PRECISION_SETTINGS = ("auto", *PRECISIONS)  # PRECISION also takes auto (resolve)
 QUANTISED = PRECISIONS[1:]
 MIN_CAPABILITY = {"int8": (8, 0), "fp8": (8, 9)}
 GPU_NAMES = {"int8": "Ampere, Ada or Hopper", "fp8": "Ada or Hopper"}
@@ -58,6 +59,22 @@ def check(precision: str, setting: str, cuda: bool, capability: tuple[int, int] 
         raise ModelLoadError(setting, f"{precision} needs compute capability {need[0]}.{need[1]} or newer "
                                       f"({GPU_NAMES[precision]}); this GPU is {capability[0]}.{capability[1]}; "
                                       f"use {'bf16 or int8' if capability >= (8, 0) else 'bf16'}")
+
+
+def resolve(precision: str, cuda: bool, capability: tuple[int, int] | None, baked: str = "bf16") -> str:
+    """PRECISION=auto made concrete; any other value is returned as it is.
+
+    auto: what a quantised bake stored; else fp8 on Ada and Hopper (compute capability 8.9+), int8
+    on Ampere (8.0+), bf16 on older GPUs and without one (a CPU runs int8, but slowly: auto does not
+    choose it there).  The transformer is 20.5 GB either way, so the placement is the same.
+    """
+    if precision != "auto":
+        return precision
+    if baked != "bf16":
+        return baked
+    if not cuda or capability is None:
+        return "bf16"
+    return "fp8" if capability >= MIN_CAPABILITY["fp8"] else "int8" if capability >= MIN_CAPABILITY["int8"] else "bf16"
 
 
 def linear_weight_bytes(rows: int, columns: int, precision: str) -> int:
