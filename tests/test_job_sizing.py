@@ -192,3 +192,55 @@ class TestPrecisionAuto:
             return {k: v for k, v in json.loads(done.stdout).items() if k != "precision"}
 
         assert info("auto") == info("fp8") == info("int8")
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """The tiny edit-2511 pipeline saved as a bf16-style bake would be (unfused, LoRA beside it)."""
+    import diffusers
+
+    from qwen_edit_worker.model import tiny
+    from qwen_edit_worker.weights.variants import VARIANTS
+
+    variant = VARIANTS["edit-2511"]
+    folder = tmp_path_factory.mktemp("tiny-bake") / "model"
+    getattr(diffusers, variant.pipeline_class)(**tiny.build_components(variant, tiny.base_scheduler())
+                                               ).save_pretrained(folder)
+    tiny.write_lora(folder / "lightning" / variant.lora_basename)
+    return folder
+
+
+class TestReadByBlock:
+    def test_read_fused_and_quantised_block_by_block_equals_load_fuse_quantise_whole(self, tiny_folder: Any
+                                                                                     ) -> None:
+        """A folder bake with PRECISION=int8: the transformer is built empty and each block is read from the
+        memory-mapped files, fused and quantised in turn (the path a 24 GB GPU takes), and the picture equals
+        the whole-model path's: load it all, fuse with peft, quantise every layer at once."""
+        from qwen_edit_worker.model import tiny
+
+        by_block = Worker({"MODEL_PATH": str(tiny_folder), "WARMUP": "0", "PRECISION": "int8"})
+        out = by_block.handle(small_job(seed=4))
+        assert "error" not in out, out
+        record = out["model"]["quantised_at_load"]["transformer"]
+        assert record["where"] == "cpu, block by block from the files"
+        assert record["lora_layers"] == len(tiny.LORA_MODULES) * tiny.NUM_LAYERS
+        assert out["model"]["lightning_fused"] == "load"
+
+        whole = Worker({"MODEL_PATH": str(tiny_folder), "WARMUP": "0"})
+        assert "error" not in whole.handle(small_job(seed=4))
+        pipe = editor_of(whole).model.pipe
+        precision.quantise_transformer(pipe.transformer, "int8")
+        reference = whole.handle(small_job(seed=4))
+        read = editor_of(by_block).model.pipe.transformer
+        assert precision.quantised_linears(read) == precision.quantised_linears(pipe.transformer) > 0
+        assert not any(p.device.type == "meta" for p in read.parameters())
+        assert np.array_equal(decode_output_image(out["images"][0]), decode_output_image(reference["images"][0]))
+
+    def test_a_lora_that_matches_nothing_is_a_load_error_block_by_block_too(self, tiny_folder: Any,
+                                                                          tmp_path: Any) -> None:
+        from qwen_edit_worker.model import tiny
+
+        wrong = tiny.write_lora(tmp_path / "wrong.safetensors", prefix="single_blocks")
+        error = Worker({"MODEL_PATH": str(tiny_folder), "WARMUP": "0", "PRECISION": "int8",
+                        "LORA_PATH": str(wrong)}).handle(small_job())["error"]
+        assert error.startswith("LORA_PATH: ") and "matched no layer" in error

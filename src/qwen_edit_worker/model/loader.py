@@ -98,16 +98,26 @@ def load_model(settings: Settings) -> LoadedModel:
     plan = None if source is None else _plan(settings, source.path, gpu_bytes)
     stored = None if source is None else placement.model_bytes(source.path, "bf16", "bf16")  # as on disk, in bf16
     straight = plan is not None and plan.offload == "none" and _stored_fits(stored, gpu_bytes)
+    resident = plan is None or plan.offload in ("none", "text_encoder")
+    # A bf16 bake quantised at load: the transformer is read, fused and quantised block by block (model/by_block.py).
+    early = None if source is None or straight or settings.precision == _baked(source)[0] else (
+        _transformer_by_block(settings, source, dtype, device, device if resident else "cpu"))
     # When everything fits as stored, weights are read straight onto the device (no CPU copy).
-    pipe = _build_pipeline(settings, source, dtype, device if straight or not cuda else None)
+    pipe = _build_pipeline(settings, source, dtype, device if straight or not cuda else None,
+                           None if early is None else early[0])
     if plan is None:
         plan = placement.plan(_resident_bytes(pipe), gpu_bytes, settings.offload, **_plan_options(settings, gpu_bytes))
-    if cuda and not straight and _transformer_fits(stored, gpu_bytes):
+        resident = plan.offload in ("none", "text_encoder")
+    if early is None and cuda and not straight and _transformer_fits(stored, gpu_bytes):
         pipe.transformer.to(device)  # fuse and quantise on the GPU; the placement below takes it from there
-    lora_layers, fused_at = _apply_lightning(pipe, settings, source)
-    # After the fuse (never a bf16 LoRA over quantised weights); block by block onto where the plan keeps it.
-    resident = plan.offload in ("none", "text_encoder")
-    quantised = _quantise_transformer(pipe, settings, source, device, device if resident else "cpu")
+    if early is None:
+        lora_layers, fused_at = _apply_lightning(pipe, settings, source)
+        # After the fuse (never a bf16 LoRA over quantised weights); block by block onto where the plan keeps it.
+        quantised = _quantise_transformer(pipe, settings, source, device, device if resident else "cpu")
+    else:
+        pipe.scheduler = lightning.lightning_scheduler(pipe.scheduler) if settings.lightning else pipe.scheduler
+        lora_layers, quantised = early[1]["lora_layers"], {"transformer": early[1]}
+        fused_at = None if not settings.lightning else "bake" if source is not None and source.fused_lora else "load"
     attention.apply(pipe.transformer, chosen.backend)
     if settings.compile == "regional":
         speedups.compile_regional(pipe.transformer)
@@ -139,8 +149,8 @@ def load_model(settings: Settings) -> LoadedModel:
     return model
 
 
-def _build_pipeline(settings: Settings, source: sources.ModelSource | None, dtype: Any, device_map: str | None
-                    ) -> Any:
+def _build_pipeline(settings: Settings, source: sources.ModelSource | None, dtype: Any, device_map: str | None,
+                    transformer: Any = None) -> Any:
     import diffusers
 
     pipeline_class = getattr(diffusers, settings.variant.pipeline_class)
@@ -153,10 +163,32 @@ def _build_pipeline(settings: Settings, source: sources.ModelSource | None, dtyp
         return pipe
     path = source.path
     try:
-        pipe = pipeline_class.from_pretrained(str(path), dtype=dtype, local_files_only=True, device_map=device_map)
+        given = {} if transformer is None else {"transformer": transformer}  # already read block by block
+        pipe = pipeline_class.from_pretrained(str(path), dtype=dtype, local_files_only=True, device_map=device_map,
+                                              **given)
     except (OSError, ValueError, KeyError, RuntimeError, TypeError) as err:
         raise ModelLoadError("MODEL_PATH", f"cannot load the pipeline from {path}: {err}") from None
     return pipe
+
+
+def _transformer_by_block(settings: Settings, source: sources.ModelSource, dtype: Any, device: str,
+                          home: str) -> tuple[Any, dict[str, Any]]:
+    """The transformer read, fused (unless the bake fused it) and quantised block by block onto `home`."""
+    import diffusers
+    from safetensors import SafetensorError
+
+    from . import by_block
+
+    pipeline_class = getattr(diffusers, settings.variant.pipeline_class)
+    lora = None
+    if settings.lightning and not source.fused_lora:
+        lora_path, setting = _lora_path(settings, source)
+        lora = by_block.lora_for(pipeline_class, lightning.read_lora(lora_path, setting))
+    try:
+        return by_block.load_transformer(source.path / "transformer", diffusers.QwenImageTransformer2DModel, dtype,
+                                         device, home, settings.precision, lora)
+    except (OSError, ValueError, KeyError, RuntimeError, TypeError, SafetensorError) as err:
+        raise ModelLoadError("MODEL_PATH", f"cannot load the transformer from {source.path}: {err}") from None
 
 
 def _check_folder(path: Path) -> None:
