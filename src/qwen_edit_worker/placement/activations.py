@@ -34,9 +34,10 @@ MEMORY_SAVING (slicing and tiling, on by default below 48 GB) pictures decode on
 
 Text encoder (Qwen2.5-VL, 8.3 B): a few hundred tokens through 28 layers of 3584: ~0.1 GB.
 
-Every constant here is DERIVED from the shapes, not measured.  A GPU run (bench/gpu with
-`torch.cuda.max_memory_allocated` at 0.5, 1 and 2 MP, num_images 1 and 4) is to replace them with
-measured peaks; until then the plan keeps RESERVE_BYTES (planner.py) between it and an OOM.
+Every constant here is DERIVED from the shapes, not measured.  When a GPU is lent, measured peaks
+(`torch.cuda.max_memory_allocated` around a job on the real shapes at 0.5, 1 and 2 MP, num_images
+1 and 4, int8/fp8 transformer resident) are to replace them; until then the plan keeps
+RESERVE_BYTES (planner.py) between the estimate and an out-of-memory error.
 Pure arithmetic: no torch.
 """
 

@@ -33,7 +33,7 @@ from .errors import ModelLoadError
 
 log = logging.getLogger(__name__)
 PRECISIONS = ("bf16", "int8", "fp8")  # the values of TEXT_ENCODER_PRECISION and of a bake
-PRECISION_SETTINGS = ("auto", *PRECISIONS)  # PRECISION also takes auto (resolve)
+PRECISION_SETTINGS = (*PRECISIONS, "auto")  # PRECISION also takes auto (resolve)
 QUANTISED = PRECISIONS[1:]
 MIN_CAPABILITY = {"int8": (8, 0), "fp8": (8, 9)}
 GPU_NAMES = {"int8": "Ampere, Ada or Hopper", "fp8": "Ada or Hopper"}
