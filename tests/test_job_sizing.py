@@ -244,3 +244,15 @@ class TestReadByBlock:
         error = Worker({"MODEL_PATH": str(tiny_folder), "WARMUP": "0", "PRECISION": "int8",
                         "LORA_PATH": str(wrong)}).handle(small_job())["error"]
         assert error.startswith("LORA_PATH: ") and "matched no layer" in error
+
+    def test_weights_arrive_in_the_dtype_asked_not_the_empty_models_float32(self, tiny_folder: Any) -> None:
+        """The empty (meta) model's parameters are float32: a bf16 read must stay bf16 (before the fix it was
+        cast up, doubling each block's bytes on the GPU and leaving norms in float32)."""
+        import diffusers
+
+        from qwen_edit_worker.model import by_block
+
+        model, record = by_block.load_transformer(tiny_folder / "transformer", diffusers.QwenImageTransformer2DModel,
+                                                  torch.bfloat16, "cpu", "cpu", None, None)
+        assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+        assert record["lora_layers"] == 0 and record["blocks"] > len(model.transformer_blocks)

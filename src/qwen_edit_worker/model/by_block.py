@@ -61,7 +61,7 @@ def load_transformer(folder: Path, transformer_class: Any, dtype: Any, device: s
     for block, names in blocks.items():
         for name in names:
             value = stored[name].get_tensor(name).to(device=device, dtype=dtype)  # one tensor through the map
-            set_module_tensor_to_device(model, name, device, value=value)
+            set_module_tensor_to_device(model, name, device, value=value, dtype=dtype)  # meta params are float32
         members = {fqn for fqn in linears if block_of(f"{fqn}.weight") == block}
         fused += _fuse(model, members, lora) if lora else 0
         if config is not None:
