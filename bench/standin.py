@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "src")]
 
 from qwen_edit_worker.accounting.timing import StageClock  # noqa: E402
+from qwen_edit_worker.placement import plan as placement_plan  # noqa: E402
 from qwen_edit_worker.serving.gpu_section import GpuSection  # noqa: E402
 
 
@@ -43,6 +44,7 @@ class StandInModel:
 
     gpu_name = None
     load_seconds = 0.0
+    placement = placement_plan({}, None)  # no GPU: no per-job limit, one batch
 
     def info(self, steps: int) -> dict[str, Any]:
         return {"variant": "stand-in", "steps": steps, "device": "none", "source": "bench/standin.py"}

@@ -169,21 +169,28 @@ class TestHub:
             Settings.from_env({k: str(v) for k, v in preset["defaults"].items()})  # raises if invalid
 
     def test_each_preset_fits_its_class_as_fast_as_any_setting_can(self) -> None:
-        """The placement a preset's settings get on its class (the real model's sizes, room for a 2 MP x4
-        job) is the fastest any precision pair could get there: no model/group offload where avoidable."""
+        """The placement a preset's settings get on its class (the real model's sizes, room for a 1 MP one-image
+        job) is the fastest any precision pair could get there, and the transformer stays on the GPU in every
+        preset (24 GB included: no layer streaming per step).  PRECISION=auto is fp8 or int8, the same bytes."""
         from qwen_edit_worker import placement
+
+        def plan_for(p: str, t: str, gpu: int, mode: str = "auto") -> placement.Plan:
+            sized = "int8" if p == "auto" else p
+            return placement.plan(placement.reference_sizes(sized, t), gpu, mode, quantised=sized != "bf16")
 
         pools = {"24 GB": "AMPERE_24, ADA_24", "48 GB": "AMPERE_48, ADA_48_PRO", "80 GB": "AMPERE_80, ADA_80_PRO",
                  "141 GB": "HOPPER_141"}
         for preset in HUB["config"]["presets"]:
             label = preset["name"].split(" (")[0]
             assert f"({pools[label]})" in preset["name"]
+            assert all(pool in HUB["config"]["gpuIds"].split(",") for pool in pools[label].split(", "))
             gpu = int(label.split()[0]) * placement.GB
             s = Settings.from_env({k: str(v) for k, v in preset["defaults"].items()})
-            plan = placement.plan(placement.reference_sizes(s.precision, s.text_encoder_precision), gpu, mode=s.offload)
-            best = min(placement.MODES.index(placement.plan(placement.reference_sizes(p, t), gpu).offload)
+            plan = plan_for(s.precision, s.text_encoder_precision, gpu, s.offload)
+            best = min(placement.MODES.index(plan_for(p, t, gpu).offload)
                        for p in ("bf16", "int8") for t in ("bf16", "int8"))
             assert plan.fits and placement.MODES.index(plan.offload) == best, (label, plan)
+            assert plan.offload in ("none", "text_encoder"), (label, plan)  # the transformer is resident
             if plan.offload != "none":
                 assert s.memory_saving == "on"
 

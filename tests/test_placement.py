@@ -1,10 +1,13 @@
-"""OFFLOAD=auto: the placement plan for each GPU class and precision, and the sizes it is fed.
+"""OFFLOAD=auto: the placement plan for each GPU class and precision, the per-job limits, and the sizes it is fed.
 
 The plan is a pure function, so every RunPod class is checked here without its GPU, on the real
 model's component sizes (placement.REFERENCE_BYTES, from its configs)."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,56 +15,182 @@ import torch
 from safetensors.torch import save_file
 
 from qwen_edit_worker import placement
-from qwen_edit_worker.placement import GB, reference_sizes
+from qwen_edit_worker.errors import RequestError
+from qwen_edit_worker.placement import GB, JobShape, activations, planner, reference_sizes
 
-BF16 = reference_sizes("bf16", "bf16")
-INT8_T = reference_sizes("int8", "bf16")
-INT8_BOTH = reference_sizes("int8", "int8")
-SIZES = {"bf16": BF16, "int8 transformer": INT8_T, "int8 both": INT8_BOTH}
-
-EXPECTED = {  # GPU GB -> placement, per precision (fastest that fits with room for 2 MP x 4)
-    "bf16": {16: "group", 24: "group", 32: "group", 40: "group", 48: "group", 80: "none", 141: "none"},
-    "int8 transformer": {16: "group", 24: "group", 32: "model", 40: "text_encoder", 48: "none", 80: "none",
-                         141: "none"},
-    "int8 both": {16: "group", 24: "group", 32: "model", 40: "none", 48: "none", 80: "none", 141: "none"},
+PAIRS = {"bf16": ("bf16", "bf16"), "int8 transformer": ("int8", "bf16"), "int8 both": ("int8", "int8"),
+         "fp8 + int8": ("fp8", "int8")}
+CLASSES = (16, 24, 32, 48, 80, 141)
+EXPECTED = {  # GPU GB -> placement, per precision pair (fastest that fits with room for a 1 MP one-image job)
+    "bf16": {16: "group", 24: "group", 32: "group", 48: "text_encoder", 80: "none", 141: "none"},
+    "int8 transformer": {16: "group", 24: "text_encoder", 32: "text_encoder", 48: "none", 80: "none", 141: "none"},
+    "int8 both": {16: "group", 24: "text_encoder", 32: "text_encoder", 48: "none", 80: "none", 141: "none"},
+    "fp8 + int8": {16: "group", 24: "text_encoder", 32: "text_encoder", 48: "none", 80: "none", 141: "none"},
 }
 
 
+def make_plan(pair: str, gpu_gb: float, **options: object) -> placement.Plan:
+    precision, text = PAIRS[pair]
+    return placement.plan(reference_sizes(precision, text), int(gpu_gb * GB), quantised=precision != "bf16",
+                          **options)  # type: ignore[arg-type]
+
+
+def peak(plan: placement.Plan, pair: str, job: JobShape, batch: int) -> int:
+    """The peak a job of `batch` images reaches under `plan`, phase by phase (what batch_for must respect)."""
+    weights = planner.phase_weights(plan.offload, reference_sizes(*PAIRS[pair]))
+    return planner.RESERVE_BYTES + max(
+        weights["text"] + activations.TEXT_ENCODER_ACTIVATION_BYTES,
+        weights["denoise"] + activations.transformer_bytes(job, batch, plan.quantised),
+        weights["decode"] + activations.vae_bytes(job, batch, plan.vae_tiled))
+
+
 class TestPlan:
-    @pytest.mark.parametrize("precision", list(EXPECTED))
-    @pytest.mark.parametrize("gpu_gb", [16, 24, 32, 40, 48, 80, 141])
-    def test_each_class_gets_the_fastest_placement_that_fits(self, precision: str, gpu_gb: int) -> None:
-        sizes = SIZES[precision]
-        plan = placement.plan(sizes, gpu_gb * GB)
-        assert plan.fits and plan.offload == EXPECTED[precision][gpu_gb]
+    @pytest.mark.parametrize("pair", list(EXPECTED))
+    @pytest.mark.parametrize("gpu_gb", CLASSES)
+    def test_each_class_gets_the_fastest_placement_that_fits_a_1mp_job(self, pair: str, gpu_gb: int) -> None:
+        sizes = reference_sizes(*PAIRS[pair])
+        plan = make_plan(pair, gpu_gb)
+        assert plan.fits and plan.offload == EXPECTED[pair][gpu_gb]
         assert plan.need_bytes <= gpu_gb * GB
         for faster in placement.MODES[:placement.MODES.index(plan.offload)]:  # and nothing faster fits
-            assert placement.need(faster, sizes)[0] > gpu_gb * GB
+            assert placement.need(faster, sizes, quantised=plan.quantised, vae_tiled=plan.vae_tiled)[0] > gpu_gb * GB
         assert plan.reason.startswith("fastest that fits")
 
-    def test_what_crosses_pcie_per_job(self) -> None:
-        assert placement.plan(BF16, 80 * GB).moved_per_job_bytes == 0
-        assert placement.plan(INT8_T, 40 * GB).moved_per_job_bytes == INT8_T["text_encoder"]
-        assert placement.plan(INT8_T, 32 * GB).moved_per_job_bytes == sum(INT8_T.values())
+    @pytest.mark.parametrize("pair", ["int8 both", "fp8 + int8", "int8 transformer"])
+    def test_24gb_keeps_the_quantised_transformer_resident_and_streams_only_the_text_encoder(self, pair: str) -> None:
+        plan = make_plan(pair, 24)
+        sizes = reference_sizes(*PAIRS[pair])
+        assert plan.offload == "text_encoder"
+        assert plan.resident_bytes == sizes["transformer"] + sizes["vae"]
+        assert plan.moved_per_job_bytes == sizes["text_encoder"]  # the prompt pass, not 61 GB of transformer
+        assert plan.info()["transfer_s_per_job"] < 1.0
+        assert plan.batched_images() == 2  # 1 MP: num_images 4 runs as two batches of two
+        assert 2.0 <= plan.max_megapixels(1) < 4.0  # the API's 2 MP fits; its 4 MP (2048 x 2048) does not
+
+    def test_the_16gb_class_streams_everything_and_says_what_it_moves(self) -> None:
+        plan = make_plan("int8 both", 16)
+        sizes = reference_sizes("int8", "int8")
+        assert plan.offload == "group" and plan.resident_bytes == 0
+        assert plan.moved_per_job_bytes == 3 * sizes["transformer"] + sizes["text_encoder"] + sizes["vae"]
+        seconds = plan.moved_per_job_bytes / placement.PCIE_BYTES_PER_SECOND
+        assert plan.info()["transfer_s_per_job"] == round(seconds, 2) and seconds > 2.5
+        assert "over PCIe per job" in plan.reason and "(derived)" in plan.reason
 
     def test_nothing_fits_is_said_plainly(self) -> None:
-        plan = placement.plan(BF16, 12 * GB)
+        plan = make_plan("bf16", 2)
         assert not plan.fits
-        assert plan.reason.startswith("nothing fits: even group offload needs 14.8 GB") and "12.0 GB" in plan.reason
-
-    def test_a_larger_job_needs_more_room(self) -> None:
-        assert placement.plan(INT8_BOTH, 40 * GB).offload == "none"
-        assert placement.plan(INT8_BOTH, 40 * GB, headroom=12 * GB).offload == "text_encoder"
+        assert plan.reason.startswith("nothing fits: even group offload needs") and "2.0 GB" in plan.reason
 
     def test_explicit_mode_is_kept_and_a_misfit_is_flagged(self) -> None:
-        plan = placement.plan(BF16, 48 * GB, mode="none")
+        plan = make_plan("bf16", 48, mode="none")
         assert plan.offload == "none" and not plan.fits and "does NOT fit" in plan.reason
-        assert placement.plan(BF16, 80 * GB, mode="model").offload == "model"
+        assert make_plan("bf16", 80, mode="model").offload == "model"
 
-    def test_without_a_gpu_everything_stays_on_the_cpu(self) -> None:
-        plan = placement.plan(BF16, None)
+    def test_without_a_gpu_everything_stays_on_the_cpu_and_there_is_no_job_limit(self) -> None:
+        plan = placement.plan(reference_sizes("bf16", "bf16"), None)
         assert (plan.offload, plan.fits, plan.gpu_bytes) == ("none", True, None)
-        assert plan.info()["gpu_gb"] is None and plan.info()["offload"] == "none"
+        assert plan.info()["gpu_gb"] is None and plan.info()["max_megapixels"] is None
+        huge = JobShape.one_image(4.0, pictures=3)
+        assert placement.fit_job(plan, JobShape(huge.output_pixels, huge.input_pixels, num_images=4)).batch == 4
+
+
+class TestJobLimits:
+    @pytest.mark.parametrize("pair", list(PAIRS))
+    @pytest.mark.parametrize("gpu_gb", CLASSES)
+    @pytest.mark.parametrize("pictures", [1, 3])
+    def test_max_megapixels_is_the_largest_one_image_job_that_fits(self, pair: str, gpu_gb: int,
+                                                                   pictures: int) -> None:
+        plan = make_plan(pair, gpu_gb)
+        largest = plan.max_megapixels(pictures)
+        assert largest is not None and largest > 0
+        job = JobShape.one_image(largest, pictures)
+        assert plan.batch_for(job) >= 1 and peak(plan, pair, job, 1) <= gpu_gb * GB
+        if largest < planner.MAX_API_MEGAPIXELS:
+            over = JobShape.one_image(largest + 0.02, pictures)
+            assert plan.batch_for(over) == 0 and peak(plan, pair, over, 1) > gpu_gb * GB
+
+    @pytest.mark.parametrize("pair", list(PAIRS))
+    @pytest.mark.parametrize("gpu_gb", CLASSES)
+    @pytest.mark.parametrize("megapixels", [0.25, 0.5, 1.0, 2.0])
+    def test_a_batch_is_as_large_as_fits_and_no_larger(self, pair: str, gpu_gb: int, megapixels: float) -> None:
+        plan = make_plan(pair, gpu_gb)
+        one = JobShape.one_image(megapixels)
+        job = JobShape(one.output_pixels, one.input_pixels, num_images=4)
+        batch = plan.batch_for(job)
+        if batch:
+            assert peak(plan, pair, job, batch) <= gpu_gb * GB
+        if batch < 4:
+            assert peak(plan, pair, job, batch + 1) > gpu_gb * GB
+
+    def test_more_images_than_fit_run_in_batches(self) -> None:
+        plan = make_plan("int8 both", 24)
+        one = JobShape.one_image(1.0)
+        fit = placement.fit_job(plan, JobShape(one.output_pixels, one.input_pixels, num_images=4))
+        assert (fit.batch, fit.batches) == (2, 2)
+        assert placement.fit_job(plan, JobShape(one.output_pixels, one.input_pixels, num_images=3)).batches == 2
+
+    def test_a_job_too_large_for_one_image_is_refused_naming_megapixels_and_the_largest(self) -> None:
+        plan = make_plan("int8 both", 24)
+        job = JobShape.one_image(4.0, pictures=3)
+        with pytest.raises(RequestError) as caught:
+            placement.fit_job(plan, job)
+        text = str(caught.value)
+        assert text.startswith("input.megapixels: a 4.00 MP output from 3 picture(s) needs ~")
+        assert f"the largest this worker can do with 3 picture(s) is {plan.max_megapixels(3):.2f} MP" in text
+
+    def test_tokens_follow_the_pictures_and_the_pipeline(self) -> None:
+        """EditPlus conditions on every picture (and gives the VL encoder each at 384x384); Edit on the first
+        only, but its VL encoder reads that picture at its working size."""
+        plus = JobShape.one_image(1.0, pictures=2)
+        assert plus.tokens() == 3 * 4096 + plus.text_tokens()
+        assert plus.text_tokens() == 64 + 67 + 2 * (384 * 384 // 784)
+        edit = JobShape.one_image(1.0, pictures=1, edit_plus=False)
+        assert edit.tokens() == 2 * 4096 + 64 + 67 + 1024 * 1024 // 784
+        assert activations.transformer_bytes(plus, 2, False) - activations.JOB_FIXED_BYTES == \
+            2 * (activations.transformer_bytes(plus, 1, False) - activations.JOB_FIXED_BYTES)
+
+
+class TestCommand:
+    def run(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "qwen_edit_worker.placement", *args], capture_output=True,
+                              text=True, timeout=60)
+
+    def test_prints_the_plan_as_json(self) -> None:
+        done = self.run("--gpu-gb", "24", "--precision", "int8", "--text-encoder-precision", "int8",
+                        "--variant", "edit-2511")
+        assert done.returncode == 0, done.stderr
+        info = json.loads(done.stdout)
+        expected = make_plan("int8 both", 24).info()
+        assert {k: info[k] for k in expected} == expected
+        for key in ("offload", "resident_gb", "moved_per_job_gb", "max_megapixels", "batched_images", "reason"):
+            assert key in info
+        assert info["offload"] == "text_encoder" and info["component_gb"]["transformer"] == 20.46
+
+    def test_the_16gb_class_gets_an_answer(self) -> None:
+        done = self.run("--gpu-gb", "16", "--precision", "int8", "--text-encoder-precision", "int8")
+        info = json.loads(done.stdout)
+        assert done.returncode == 0 and info["offload"] == "group" and info["moved_per_job_gb"] == 71.2
+
+    def test_a_configuration_that_cannot_run_exits_non_zero_without_a_traceback(self, tmp_path: Path) -> None:
+        done = self.run("--gpu-gb", "2", "--precision", "bf16", "--text-encoder-precision", "bf16")
+        assert done.returncode == 1 and json.loads(done.stdout)["fits"] is False
+        assert json.loads(done.stdout)["reason"].startswith("nothing fits")
+        for args in (("--gpu-gb", "24", "--precision", "int4"), ("--gpu-gb", "24", "--model-path", str(tmp_path)),
+                     ("--gpu-gb", "-1")):
+            done = self.run(*args)
+            assert done.returncode == 2 and "Traceback" not in done.stderr and done.stderr.strip(), args
+
+    def test_model_path_reads_the_folders_headers(self, tmp_path: Path) -> None:
+        (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "QwenImageEditPlusPipeline"}))
+        for name, rows in (("transformer", 8), ("text_encoder", 4), ("vae", 2)):
+            (tmp_path / name).mkdir()
+            save_file({"layer.weight": torch.zeros(rows, 10, dtype=torch.bfloat16)},
+                      str(tmp_path / name / "m.safetensors"))
+        done = self.run("--gpu-gb", "24", "--precision", "int8", "--model-path", str(tmp_path))
+        assert done.returncode == 0, done.stderr
+        info = json.loads(done.stdout)
+        assert info["offload"] == "none" and info["component_gb"] == {"transformer": 0.0, "text_encoder": 0.0,
+                                                                      "vae": 0.0}
 
 
 class TestSizes:

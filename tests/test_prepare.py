@@ -148,11 +148,13 @@ class TestInt8Bake:
 
         monkeypatch.setattr(precision, "quantise_transformer", refuse)
         monkeypatch.setattr(precision, "quantise_text_encoder", refuse)
+        monkeypatch.setattr(precision, "quantise_by_block", refuse)
         worker = Worker({"MODEL_PATH": str(baked["int8"]), "WARMUP": "0", "PRECISION": "int8",
                          "TEXT_ENCODER_PRECISION": "int8"})
         out = worker.handle(small_job())
         assert "error" not in out, out
         assert (out["model"]["precision"], out["model"]["text_encoder_precision"]) == ("int8", "int8")
+        assert out["model"]["quantised_at_load"] == {}
         pipe = loaded(worker).pipe
         assert precision.quantised_linears(pipe.transformer) > 0 and precision.quantised_linears(pipe.text_encoder) > 0
         assert decode_output_image(out["images"][0]).shape == (64, 64, 3)
@@ -280,6 +282,7 @@ class TestPrecisionsAtLoad:
         out = worker.handle(small_job(seed=5))
         assert "error" not in out, out
         assert (out["model"]["precision"], out["model"]["text_encoder_precision"]) == ("int8", "int8")
+        assert {r["where"] for r in out["model"]["quantised_at_load"].values()} == {"cpu, block by block"}
         pipe = loaded(worker).pipe
         quantised = {name for name, m in pipe.text_encoder.named_modules()
                      if precision.quantised_linears(m) and isinstance(m, torch.nn.Linear)}

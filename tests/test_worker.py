@@ -38,8 +38,10 @@ class TestEdits:
                                 "attention_choice": "auto: no CUDA device", "attention_ms": {},
                                 "memory_saving": [], "offload": "none", "precision": "bf16", "compile": "off",
                                 "text_encoder_precision": "bf16", "lightning_fused": "load",
-                                "placement": {"offload": "none", "need_gb": 0.0, "gpu_gb": None,
-                                              "moved_per_job_gb": 0.0,
+                                "quantised_at_load": {},
+                                "placement": {"offload": "none", "fits": True, "need_gb": 0.0, "gpu_gb": None,
+                                              "resident_gb": 0.0, "moved_per_job_gb": 0.0, "transfer_s_per_job": 0.0,
+                                              "max_megapixels": None, "batched_images": None,
                                               "reason": "no GPU: every component runs on the CPU"},
                                 "dtype": "float32", "device": "cpu",
                                 "source": "tiny", "manifest": None}

@@ -45,9 +45,10 @@ class GpuClass:
 GPU_CLASSES: dict[str, GpuClass] = {g.name: g for g in (
     GpuClass("a4000", "16 GB (A4000)", 0.00016, 0.00011),
     GpuClass("a5000", "24 GB (L4, A5000, 3090)", 0.00019, 0.00013),
-    GpuClass("a5000-int8", "24 GB (L4, A5000, 3090)", 0.00019, 0.00013, 6.0, "derived", "int8, `OFFLOAD=group`"),
+    GpuClass("a5000-int8", "24 GB (L4, A5000, 3090)", 0.00019, 0.00013, 5.0, "derived",
+             "int8, `OFFLOAD=text_encoder`"),
     GpuClass("4090", "24 GB PRO (4090)", 0.00031, 0.00021),
-    GpuClass("4090-int8", "24 GB PRO (4090)", 0.00031, 0.00021, 4.2, "derived", "int8, `OFFLOAD=group`"),
+    GpuClass("4090-int8", "24 GB PRO (4090)", 0.00031, 0.00021, 2.5, "derived", "int8, `OFFLOAD=text_encoder`"),
     GpuClass("a6000", "48 GB (A6000)", 0.00034, 0.00024, 9.8, "derived", "bf16, `OFFLOAD=model` (no fp8 on Ampere)"),
     GpuClass("a6000-int8", "48 GB (A6000)", 0.00034, 0.00024, 3.8, "derived", "int8, no offload"),
     GpuClass("l40s", "48 GB PRO (L40S)", 0.00053, 0.00037, 5.9, "derived", "bf16, `OFFLOAD=model`"),

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from .errors import SettingsError
-from .weights.precision import PRECISIONS
+from .weights.precision import PRECISION_SETTINGS, PRECISIONS
 from .weights.variants import DEFAULT_VARIANT, VARIANTS, Variant
 
 ATTENTION_BACKENDS = ("auto", "native", "xformers", "flash", "_native_cudnn", "_native_flash", "_native_efficient")
@@ -37,8 +37,9 @@ SETTINGS: dict[str, tuple[str, str]] = {
     "ATTENTION_BACKEND": ("auto", "auto (fastest measured at load) | native | xformers | flash | _native_cudnn | "
                                     "_native_flash | _native_efficient"),
     "MEMORY_SAVING": ("auto", "auto | on | off (auto: on for GPUs under 48 GB)"),
-    "PRECISION": ("bf16", "bf16 | int8 | fp8: the transformer's linear layers quantised (torchao) after the LoRA "
-                          "is fused; int8 needs sm80+ (Ampere), fp8 sm89+ (Ada, Hopper); must match a quantised bake"),
+    "PRECISION": ("bf16", "bf16 | int8 | fp8 | auto: the transformer's linear layers quantised (torchao) after the "
+                          "LoRA is fused; int8 needs sm80+ (Ampere), fp8 sm89+ (Ada, Hopper); auto: fp8 on sm89+, "
+                          "int8 on sm80+, else bf16 (a quantised bake: as baked); must match a quantised bake"),
     "TEXT_ENCODER_PRECISION": ("bf16", "bf16 | int8 | fp8: the text encoder's language-model linear layers "
                                        "quantised (torchao); the vision tower stays bf16; must match the bake"),
     "COMPILE": ("off", "off | regional: compile the repeated transformer block at load (torch.compile)"),
@@ -112,7 +113,7 @@ class Settings:
             tiny_model=_flag("TINY_MODEL", raw("TINY_MODEL")),
             attention_backend=_choice("ATTENTION_BACKEND", raw("ATTENTION_BACKEND").lower(), ATTENTION_BACKENDS),
             memory_saving=_choice("MEMORY_SAVING", raw("MEMORY_SAVING").lower(), MEMORY_SAVING_MODES),
-            precision=_choice("PRECISION", raw("PRECISION").lower(), PRECISIONS),
+            precision=_choice("PRECISION", raw("PRECISION").lower(), PRECISION_SETTINGS),
             text_encoder_precision=_choice("TEXT_ENCODER_PRECISION", raw("TEXT_ENCODER_PRECISION").lower(), PRECISIONS),
             compile=_choice("COMPILE", raw("COMPILE").lower(), COMPILE_MODES),
             offload=_choice("OFFLOAD", raw("OFFLOAD").lower(), OFFLOAD_MODES),

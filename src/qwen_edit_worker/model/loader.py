@@ -9,6 +9,8 @@ Loading never reaches the network: HF_HUB_OFFLINE is set and only local files ar
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import os
 import time
@@ -42,6 +44,7 @@ class LoadedModel:
     placement: placement.Plan = field(default_factory=lambda: placement.plan({}, None))
     manifest: dict[str, str] | None = None
     lightning_fused: str | None = None  # where the Lightning LoRA was fused: "bake", "load", or None (base model)
+    quantised: dict[str, Any] = field(default_factory=dict)  # component -> where and how long, when done at load
     load_seconds: float = 0.0
 
     def info(self, steps: int) -> dict[str, Any]:
@@ -59,6 +62,7 @@ class LoadedModel:
             "precision": self.settings.precision,
             "text_encoder_precision": self.settings.text_encoder_precision,
             "lightning_fused": self.lightning_fused,
+            "quantised_at_load": dict(self.quantised),
             "compile": self.settings.compile,
             "dtype": self.dtype,
             "device": self.device,
@@ -86,26 +90,42 @@ def load_model(settings: Settings) -> LoadedModel:
         _check_folder(source.path)
     if settings.offload not in ("auto", "none"):
         accel.check_offload(settings.offload, cuda)  # fail before reading 58 GB of weights
-    _check_precisions(settings, source, cuda, torch.cuda.get_device_capability(0) if cuda else None)
+    capability = torch.cuda.get_device_capability(0) if cuda else None
+    settings = _resolve_precision(settings, source, cuda, capability)
+    _check_precisions(settings, source, cuda, capability)
     gpu_bytes = torch.cuda.get_device_properties(0).total_memory if cuda else None
     # Decided from the safetensors headers before any weight is read (the tiny model: after building).
     plan = None if source is None else _plan(settings, source.path, gpu_bytes)
     stored = None if source is None else placement.model_bytes(source.path, "bf16", "bf16")  # as on disk, in bf16
     straight = plan is not None and plan.offload == "none" and _stored_fits(stored, gpu_bytes)
+    resident = plan is None or plan.offload in ("none", "text_encoder")
+    # A bf16 bake quantised at load: the transformer is read, fused and quantised block by block (model/by_block.py).
+    early = None if source is None or straight or settings.precision == _baked(source)[0] else (
+        _transformer_by_block(settings, source, dtype, device, device if resident else "cpu"))
     # When everything fits as stored, weights are read straight onto the device (no CPU copy).
-    pipe = _build_pipeline(settings, source, dtype, device if straight or not cuda else None)
+    pipe = _build_pipeline(settings, source, dtype, device if straight or not cuda else None,
+                           None if early is None else early[0])
     if plan is None:
-        plan = placement.plan(_resident_bytes(pipe), gpu_bytes, mode=settings.offload)
-    if cuda and not straight and _transformer_fits(stored, gpu_bytes):
+        plan = placement.plan(_resident_bytes(pipe), gpu_bytes, settings.offload, **_plan_options(settings, gpu_bytes))
+        resident = plan.offload in ("none", "text_encoder")
+    if early is None and cuda and not straight and _transformer_fits(stored, gpu_bytes):
         pipe.transformer.to(device)  # fuse and quantise on the GPU; the placement below takes it from there
-    lora_layers, fused_at = _apply_lightning(pipe, settings, source)
-    _quantise_transformer(pipe, settings, source)  # after the fuse: never a bf16 LoRA over quantised weights
+    if early is None:
+        lora_layers, fused_at = _apply_lightning(pipe, settings, source)
+        # After the fuse (never a bf16 LoRA over quantised weights); block by block onto where the plan keeps it.
+        quantised = _quantise_transformer(pipe, settings, source, device, device if resident else "cpu")
+    else:
+        pipe.scheduler = lightning.lightning_scheduler(pipe.scheduler) if settings.lightning else pipe.scheduler
+        lora_layers, quantised = early[1]["lora_layers"], {"transformer": early[1]}
+        fused_at = None if not settings.lightning else "bake" if source is not None and source.fused_lora else "load"
     attention.apply(pipe.transformer, chosen.backend)
     if settings.compile == "regional":
         speedups.compile_regional(pipe.transformer)
-    if plan.offload != "none":
+    if resident:
+        pipe.transformer.to(device)  # the layers that were not quantised (norms, embeddings) follow
+    else:
         pipe.transformer.to("cpu")
-    _quantise_text_encoder(pipe, settings, source, device)
+    quantised.update(_quantise_text_encoder(pipe, settings, source, device))
     accel.place(pipe, plan.offload, cuda)
 
     gpu_name = torch.cuda.get_device_name(0) if cuda else None
@@ -115,6 +135,7 @@ def load_model(settings: Settings) -> LoadedModel:
         pipe=pipe, settings=settings, device=device, dtype=str(dtype).removeprefix("torch."), gpu_name=gpu_name,
         attention=chosen, placement=plan, memory_saving=saving, source="tiny" if source is None else str(source.path),
         lora_layers=lora_layers, manifest=None if source is None else source.manifest(), lightning_fused=fused_at,
+        quantised=quantised,
     )
     model.load_seconds = time.perf_counter() - started
     log.info(
@@ -124,11 +145,12 @@ def load_model(settings: Settings) -> LoadedModel:
         model.dtype, settings.precision, settings.text_encoder_precision, settings.lightning, fused_at or "-",
         lora_layers, chosen.backend, ",".join(saving) or "off", plan.offload, settings.compile,
     )
+    log.info("placement: %s", json.dumps(plan.info()))
     return model
 
 
-def _build_pipeline(settings: Settings, source: sources.ModelSource | None, dtype: Any, device_map: str | None
-                    ) -> Any:
+def _build_pipeline(settings: Settings, source: sources.ModelSource | None, dtype: Any, device_map: str | None,
+                    transformer: Any = None) -> Any:
     import diffusers
 
     pipeline_class = getattr(diffusers, settings.variant.pipeline_class)
@@ -141,10 +163,32 @@ def _build_pipeline(settings: Settings, source: sources.ModelSource | None, dtyp
         return pipe
     path = source.path
     try:
-        pipe = pipeline_class.from_pretrained(str(path), dtype=dtype, local_files_only=True, device_map=device_map)
+        given = {} if transformer is None else {"transformer": transformer}  # already read block by block
+        pipe = pipeline_class.from_pretrained(str(path), dtype=dtype, local_files_only=True, device_map=device_map,
+                                              **given)
     except (OSError, ValueError, KeyError, RuntimeError, TypeError) as err:
         raise ModelLoadError("MODEL_PATH", f"cannot load the pipeline from {path}: {err}") from None
     return pipe
+
+
+def _transformer_by_block(settings: Settings, source: sources.ModelSource, dtype: Any, device: str,
+                          home: str) -> tuple[Any, dict[str, Any]]:
+    """The transformer read, fused (unless the bake fused it) and quantised block by block onto `home`."""
+    import diffusers
+    from safetensors import SafetensorError
+
+    from . import by_block
+
+    pipeline_class = getattr(diffusers, settings.variant.pipeline_class)
+    lora = None
+    if settings.lightning and not source.fused_lora:
+        lora_path, setting = _lora_path(settings, source)
+        lora = by_block.lora_for(pipeline_class, lightning.read_lora(lora_path, setting))
+    try:
+        return by_block.load_transformer(source.path / "transformer", diffusers.QwenImageTransformer2DModel, dtype,
+                                         device, home, settings.precision, lora)
+    except (OSError, ValueError, KeyError, RuntimeError, TypeError, SafetensorError) as err:
+        raise ModelLoadError("MODEL_PATH", f"cannot load the transformer from {source.path}: {err}") from None
 
 
 def _check_folder(path: Path) -> None:
@@ -156,7 +200,7 @@ def _check_folder(path: Path) -> None:
 def _plan(settings: Settings, path: Path, gpu_bytes: int | None) -> placement.Plan:
     """The placement for the folder's components at the precisions they will run in; logged with its numbers."""
     sizes = placement.model_bytes(path, settings.precision, settings.text_encoder_precision)
-    plan = placement.plan(sizes, gpu_bytes, mode=settings.offload)
+    plan = placement.plan(sizes, gpu_bytes, settings.offload, **_plan_options(settings, gpu_bytes))
     log.info("placement: offload=%s (%s); component GB: %s", plan.offload, plan.reason,
              ", ".join(f"{k}={v / placement.GB:.1f}" for k, v in sizes.items()))
     if not plan.fits and settings.offload == "auto":
@@ -164,6 +208,13 @@ def _plan(settings: Settings, path: Path, gpu_bytes: int | None) -> placement.Pl
     if not plan.fits:
         log.warning("placement: OFFLOAD=%s does not fit this GPU: %s", settings.offload, plan.reason)
     return plan
+
+
+def _plan_options(settings: Settings, gpu_bytes: int | None) -> dict[str, Any]:
+    """What the plan needs to know beyond sizes: quantised activations, VAE tiling, the pipeline's kind."""
+    return {"quantised": settings.precision != "bf16",
+            "vae_tiled": accel.memory_saving_enabled(settings.memory_saving, gpu_bytes),
+            "edit_plus": settings.variant.pipeline_class != "QwenImageEditPipeline"}
 
 
 def _stored_fits(stored: dict[str, int] | None, gpu_bytes: int | None) -> bool:
@@ -185,6 +236,18 @@ def _resident_bytes(pipe: Any) -> dict[str, int]:
 
 
 # --- Lightning and precision: what the bake already did is skipped, the rest is done here. ---
+
+def _resolve_precision(settings: Settings, source: sources.ModelSource | None, cuda: bool,
+                       capability: tuple[int, int] | None) -> Settings:
+    """PRECISION=auto made concrete for this GPU (and bake); the loaded model reports the value chosen."""
+    if settings.precision != "auto":
+        return settings
+    chosen = precision.resolve("auto", cuda, capability, _baked(source)[0])
+    log.info("PRECISION=auto: %s (compute capability %s%s)", chosen,
+             "none" if capability is None else f"{capability[0]}.{capability[1]}",
+             "; as baked" if _baked(source)[0] != "bf16" else "")
+    return dataclasses.replace(settings, precision=chosen)
+
 
 def _check_precisions(settings: Settings, source: sources.ModelSource | None, cuda: bool,
                       capability: tuple[int, int] | None) -> None:
@@ -212,20 +275,25 @@ def _baked(source: sources.ModelSource | None) -> tuple[str, str]:
     return ("bf16", "bf16") if source is None else (source.transformer_precision, source.text_encoder_precision)
 
 
-def _quantise_transformer(pipe: Any, settings: Settings, source: sources.ModelSource | None) -> None:
+def _quantise_transformer(pipe: Any, settings: Settings, source: sources.ModelSource | None, device: str,
+                          home: str) -> dict[str, Any]:
+    """Quantise a bf16 bake at load, block by block on `device` (the GPU when there is one), each block left on
+    `home`; {"transformer": where and how long}, or {} when the bake is already at PRECISION."""
     # check_settings allows only an equal precision or a bf16 bake: quantise only the latter.
-    if settings.precision != _baked(source)[0]:
-        precision.quantise_transformer(pipe.transformer, settings.precision)
+    if settings.precision == _baked(source)[0]:
+        return {}
+    return {"transformer": precision.quantise_by_block(pipe.transformer, settings.precision, device, home)}
 
 
-def _quantise_text_encoder(pipe: Any, settings: Settings, source: sources.ModelSource | None, device: str) -> None:
+def _quantise_text_encoder(pipe: Any, settings: Settings, source: sources.ModelSource | None, device: str
+                           ) -> dict[str, Any]:
     if settings.text_encoder_precision == _baked(source)[1]:
-        return
+        return {}
     encoder = pipe.text_encoder
-    home = encoder.device
-    encoder.to(device)  # quantise where it runs (torchao creates fp8 only beside an sm89 GPU); offload moves it back
-    precision.quantise_text_encoder(encoder, settings.text_encoder_precision)
-    encoder.to(home)
+    # Layer by layer on the device (torchao creates fp8 only beside an sm89 GPU; the resident transformer leaves
+    # no room for the whole bf16 encoder on 24 GB), each layer back where the encoder lives; offload moves it on.
+    return {"text_encoder": precision.quantise_by_block(encoder, settings.text_encoder_precision, device,
+                                                        encoder.device, precision.text_encoder_chosen(encoder))}
 
 
 def _lora_path(settings: Settings, source: sources.ModelSource | None) -> tuple[Path, str]:

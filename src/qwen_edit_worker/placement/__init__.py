@@ -1,14 +1,18 @@
 """Where the weights live on the GPU, and how large a job the memory left can take.
 
-`planner` is the pure planning code (component bytes and GPU bytes in, a Plan out); the package
-re-exports its names so callers write `placement.plan(...)`.
+`planner` is the pure planning code (component bytes and GPU bytes in, a Plan out);
+`activations` the per-job memory estimate (tokens and batch in, bytes out); `jobs` sizes one
+request against a plan (batches, or a refusal); `python -m qwen_edit_worker.placement` prints a
+plan before deploying (`__main__`).  The package re-exports the names callers use.
 """
 
+from .activations import BASE_JOB, JobShape
+from .jobs import JobFit, fit_job, fit_request, job_shape
 from .planner import (
     COMPONENTS,
     GB,
-    JOB_HEADROOM_BYTES,
     MODES,
+    PCIE_BYTES_PER_SECOND,
     REFERENCE_BYTES,
     RESERVE_BYTES,
     STREAM_WINDOW_BYTES,
@@ -20,5 +24,6 @@ from .planner import (
     reference_sizes,
 )
 
-__all__ = ["COMPONENTS", "GB", "JOB_HEADROOM_BYTES", "MODES", "REFERENCE_BYTES", "RESERVE_BYTES",
-           "STREAM_WINDOW_BYTES", "Plan", "folder_bytes", "model_bytes", "need", "plan", "reference_sizes"]
+__all__ = ["BASE_JOB", "COMPONENTS", "GB", "MODES", "PCIE_BYTES_PER_SECOND", "REFERENCE_BYTES", "RESERVE_BYTES",
+           "STREAM_WINDOW_BYTES", "JobFit", "JobShape", "Plan", "fit_job", "fit_request", "folder_bytes", "job_shape",
+           "model_bytes", "need", "plan", "reference_sizes"]

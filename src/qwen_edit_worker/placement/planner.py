@@ -1,17 +1,26 @@
-"""Where the weights live: the fastest placement that fits this GPU with room for the largest job.
+"""Where the weights live: the fastest placement that fits this GPU with room for a 1 MP one-image job.
 
 Why this exists: people rent the cheapest GPU class that works, and the model (57.7 GB in bf16,
 about half in int8/fp8) fits some classes whole, others only if a component stays in CPU memory.
 `OFFLOAD=auto` asks `plan` for the fastest placement whose peak fits, given the components' real
-sizes and the GPU's total memory, with room for the largest job the API allows (2 MP,
-num_images 4).  `plan` is a pure function of numbers, so every class is tested here without one.
+sizes and the GPU's total memory, with room for the *base job* (1 MP output, one picture, one
+image: activations.BASE_JOB), not for the largest job the API allows.  Larger jobs are sized per
+job against the room the plan leaves (`Plan.batch_for`: more images run as several batches; a job
+that cannot fit even one image is refused before it starts, placement/jobs.py).  `plan` is a pure
+function of numbers, so every class is tested without one.
 
 Placements, fastest first (what crosses PCIe for every job in brackets):
 - `none`: everything on the GPU [nothing].
 - `text_encoder`: transformer and VAE stay on the GPU; the text encoder streams through the GPU
-  layer by layer (diffusers group offload, prefetched on a CUDA stream) for the prompt [its bytes].
+  layer by layer (diffusers group offload, prefetched on a CUDA stream) for the prompt [its bytes,
+  ~0.4 s at 25 GB/s for int8].
 - `model`: each component moves to the GPU whole while it is used [all weights].
-- `group`: every component streams layer by layer [all weights], the least GPU memory.
+- `group`: every component streams layer by layer [the transformer once per step, plus the rest].
+
+Peak memory is taken phase by phase (text encoding, denoising, VAE), since a job's phases run one
+after another: the weights on the GPU during the phase plus that phase's activations, plus
+RESERVE_BYTES for CUDA itself.  Transfer times are DERIVED at PCIE_BYTES_PER_SECOND (gen4 x16,
+~25 GB/s effective), not measured.
 """
 
 from __future__ import annotations
@@ -23,17 +32,22 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..weights.precision import linear_weight_bytes
+from . import activations
+from .activations import BASE_JOB, GB, JobShape
 
-GB = 1000**3
-# Peak activations of the largest job the API allows (2 MP output, num_images 4, 3 steps): the
-# transformer's MLP and attention intermediates for 4 x 16.6 k tokens (~5 GB) and the VAE decode
-# of one 2 MP picture at a time with slicing (~4 GB) do not overlap; derived, not yet measured
-# (a GPU run should record torch.cuda.max_memory_allocated for that job and this figure follow it).
-JOB_HEADROOM_BYTES = 8 * GB
 RESERVE_BYTES = int(1.5 * GB)  # CUDA context, cuBLAS workspaces, allocator fragmentation
-STREAM_WINDOW_BYTES = int(2.5 * GB)  # a streamed component's layers on the GPU at once (2 largest leaves)
+# A streamed component's layers on the GPU at once (leaf-level group offload, the next leaf prefetched):
+# the text encoder's largest leaf is its bf16 token embedding (152064 x 3584, 1.09 GB) plus one layer's linears
+# (its lm_head never runs: the pipeline reads hidden states); the transformer's largest leaves are 75 MB MLPs.
+STREAM_WINDOW_BYTES = {"transformer": int(0.5 * GB), "text_encoder": int(1.3 * GB), "vae": int(0.3 * GB)}
+PCIE_BYTES_PER_SECOND = 25 * GB  # derived: PCIe gen4 x16 effective
+DEFAULT_STEPS = 3  # the Lightning default; group offload streams the transformer once per step
+LARGE_GPU_BYTES = 48 * GB  # MEMORY_SAVING=auto (VAE slicing and tiling) is on below this, as model/accel.py
+MAX_API_MEGAPIXELS = 4.0  # explicit width x height up to 2048 x 2048
+MAX_API_IMAGES = 4
 MODES = ("none", "text_encoder", "model", "group")  # fastest first
 COMPONENTS = ("transformer", "text_encoder", "vae")
+PHASES = ("text", "denoise", "decode")
 # The real model's component sizes, as `bench/gpu --bytes` counts them from the real configs (20.430 B,
 # 8.292 B and 0.127 B parameters): bf16 is 2 bytes a parameter; int8/fp8 is 1 byte a quantised linear
 # weight plus its per-row scales, the text encoder's vision tower and embeddings staying bf16.
@@ -52,71 +66,160 @@ def reference_sizes(precision: str, text_encoder_precision: str) -> dict[str, in
 
 
 @dataclass(frozen=True)
+class Rooms:
+    """GPU bytes left for activations beside the weights, per phase (negative: the weights alone overflow)."""
+
+    text: int
+    denoise: int
+    decode: int
+
+
+@dataclass(frozen=True)
 class Plan:
-    """A placement and the numbers that decided it."""
+    """A placement, the numbers that decided it, and the room it leaves each job."""
 
     offload: str
     fits: bool
-    need_bytes: int
+    need_bytes: int  # peak of the base job (1 MP, one picture, one image)
     gpu_bytes: int | None
     moved_per_job_bytes: int
     reason: str
+    resident_bytes: int = 0  # weights that stay on the GPU between jobs
+    rooms: Rooms | None = None  # None: no GPU, no limit
+    quantised: bool = False  # transformer int8/fp8 (activation copies counted)
+    vae_tiled: bool = False
+    edit_plus: bool = True
+
+    def batch_for(self, job: JobShape) -> int:
+        """Images of `job` that fit one batch (at most its num_images; 0: not even one). No GPU: all of them."""
+        if self.rooms is None:
+            return job.num_images
+        if activations.TEXT_ENCODER_ACTIVATION_BYTES > self.rooms.text:
+            return 0
+        return min(job.num_images, activations.largest_batch(job, self.rooms.denoise, self.rooms.decode,
+                                                             self.quantised, self.vae_tiled))
+
+    def max_megapixels(self, pictures: int = 1) -> float | None:
+        """Largest one-image job (MP, up to the API's 4 MP) with `pictures` inputs; None without a GPU."""
+        if self.rooms is None:
+            return None
+        if activations.TEXT_ENCODER_ACTIVATION_BYTES > self.rooms.text:
+            return 0.0
+        largest = activations.largest_megapixels(self.rooms.denoise, self.rooms.decode, self.quantised,
+                                                 self.vae_tiled, pictures, self.edit_plus)
+        return min(largest, MAX_API_MEGAPIXELS)
+
+    def batched_images(self) -> int | None:
+        """Images per batch at 1 MP with one picture (up to the API's 4); None without a GPU."""
+        if self.rooms is None:
+            return None
+        job = JobShape.one_image(1.0, edit_plus=self.edit_plus)
+        return self.batch_for(JobShape(job.output_pixels, job.input_pixels, edit_plus=self.edit_plus,
+                                       num_images=MAX_API_IMAGES))
 
     def info(self) -> dict[str, object]:
-        """The job output's `model.placement` block (GB, rounded)."""
+        """The job output's `model.placement` block, the load log's and the command's JSON (GB, rounded)."""
         def gb(size: int | None) -> float | None:
             return None if size is None else round(size / GB, 1)
 
-        return {"offload": self.offload, "need_gb": gb(self.need_bytes), "gpu_gb": gb(self.gpu_bytes),
-                "moved_per_job_gb": gb(self.moved_per_job_bytes), "reason": self.reason}
+        return {"offload": self.offload, "fits": self.fits, "need_gb": gb(self.need_bytes),
+                "gpu_gb": gb(self.gpu_bytes), "resident_gb": gb(self.resident_bytes),
+                "moved_per_job_gb": gb(self.moved_per_job_bytes),
+                "transfer_s_per_job": round(self.moved_per_job_bytes / PCIE_BYTES_PER_SECOND, 2),
+                "max_megapixels": self.max_megapixels(), "batched_images": self.batched_images(),
+                "reason": self.reason}
 
 
-def need(mode: str, sizes: Mapping[str, int], headroom: int = JOB_HEADROOM_BYTES) -> tuple[int, int]:
-    """(peak GPU bytes, bytes moved to the GPU per job) of placement `mode` for component `sizes`."""
+def phase_weights(mode: str, sizes: Mapping[str, int]) -> dict[str, int]:
+    """Weight bytes on the GPU while each phase runs under placement `mode`."""
     t, te, vae = (sizes.get(c, 0) for c in COMPONENTS)
 
-    def streamed(size: int) -> int:
-        return min(size, STREAM_WINDOW_BYTES)
+    def window(name: str) -> int:
+        return min(sizes.get(name, 0), STREAM_WINDOW_BYTES[name])
 
-    peaks = {
-        "none": (t + te + vae, 0),
-        "text_encoder": (t + vae + streamed(te), te),
-        "model": (max(t, te, vae), t + te + vae),
-        "group": (streamed(t) + streamed(te) + vae, t + te + vae),
-    }
-    weights, moved = peaks[mode]
-    return weights + headroom + RESERVE_BYTES, moved
+    return {
+        "none": {"text": t + te + vae, "denoise": t + te + vae, "decode": t + te + vae},
+        "text_encoder": {"text": t + vae + window("text_encoder"), "denoise": t + vae, "decode": t + vae},
+        "model": {"text": te, "denoise": t, "decode": vae},
+        "group": {"text": window("text_encoder"), "denoise": window("transformer"), "decode": window("vae")},
+    }[mode]
 
 
-def plan(sizes: Mapping[str, int], gpu_bytes: int | None, headroom: int = JOB_HEADROOM_BYTES,
-         mode: str = "auto") -> Plan:
-    """The placement for OFFLOAD=`mode`: as given, or (auto) the fastest that fits `gpu_bytes`.
+def resident(mode: str, sizes: Mapping[str, int]) -> int:
+    """Weight bytes that stay on the GPU between jobs."""
+    t, te, vae = (sizes.get(c, 0) for c in COMPONENTS)
+    return {"none": t + te + vae, "text_encoder": t + vae, "model": 0, "group": 0}[mode]
+
+
+def moved(mode: str, sizes: Mapping[str, int], steps: int = DEFAULT_STEPS) -> int:
+    """Weight bytes crossing PCIe for one job (one batch; group offload streams the transformer every step)."""
+    t, te, vae = (sizes.get(c, 0) for c in COMPONENTS)
+    return {"none": 0, "text_encoder": te, "model": t + te + vae, "group": steps * t + te + vae}[mode]
+
+
+def rooms(mode: str, sizes: Mapping[str, int], gpu_bytes: int) -> Rooms:
+    weights = phase_weights(mode, sizes)
+    return Rooms(*(gpu_bytes - RESERVE_BYTES - weights[phase] for phase in PHASES))
+
+
+def need(mode: str, sizes: Mapping[str, int], job: JobShape = BASE_JOB, quantised: bool = False,
+         vae_tiled: bool = False, steps: int = DEFAULT_STEPS) -> tuple[int, int]:
+    """(peak GPU bytes, bytes moved to the GPU per job) of placement `mode` for component `sizes` and `job`."""
+    weights = phase_weights(mode, sizes)
+    peak = max(weights["text"] + activations.TEXT_ENCODER_ACTIVATION_BYTES,
+               weights["denoise"] + activations.transformer_bytes(job, 1, quantised),
+               weights["decode"] + activations.vae_bytes(job, 1, vae_tiled))
+    return peak + RESERVE_BYTES, moved(mode, sizes, steps)
+
+
+def plan(sizes: Mapping[str, int], gpu_bytes: int | None, mode: str = "auto", *, quantised: bool = False,
+         vae_tiled: bool | None = None, edit_plus: bool = True, steps: int = DEFAULT_STEPS) -> Plan:
+    """The placement for OFFLOAD=`mode`: as given, or (auto) the fastest that fits `gpu_bytes` with the base job.
 
     `sizes` are the components' bytes as they will sit in memory (after any quantisation);
-    `gpu_bytes` is None without a GPU (then everything stays on the CPU, placement `none`).
+    `gpu_bytes` is None without a GPU (then everything stays on the CPU, placement `none`, no job limit).
+    `vae_tiled` None means MEMORY_SAVING=auto (tiled below 48 GB).
     """
     total = sum(sizes.values())
     if gpu_bytes is None:
         if mode in ("auto", "none"):
-            return Plan("none", True, total, None, 0, "no GPU: every component runs on the CPU")
+            return Plan("none", True, total, None, 0, "no GPU: every component runs on the CPU", total)
         return Plan(mode, False, total, None, 0, f"OFFLOAD={mode} moves weights to a GPU and there is none")
+    tiled = gpu_bytes < LARGE_GPU_BYTES if vae_tiled is None else vae_tiled
+    base = JobShape.one_image(1.0, edit_plus=edit_plus)
+
+    def make(candidate: str, fits: bool, reason: str) -> Plan:
+        peak, carried = need(candidate, sizes, base, quantised, tiled, steps)
+        if carried:
+            reason += (f"; moves {_gb(carried)} over PCIe per job, ~{carried / PCIE_BYTES_PER_SECOND:.1f} s at "
+                       f"{PCIE_BYTES_PER_SECOND / GB:.0f} GB/s (derived)")
+        return Plan(candidate, fits, peak, gpu_bytes, carried, reason, resident(candidate, sizes),
+                    rooms(candidate, sizes, gpu_bytes), quantised, tiled, edit_plus)
+
+    def peak(candidate: str) -> int:
+        return need(candidate, sizes, base, quantised, tiled, steps)[0]
+
     if mode != "auto":
-        peak, moved = need(mode, sizes, headroom)
-        fits = peak <= gpu_bytes
-        verdict = "fits" if fits else "does NOT fit: expect out-of-memory errors; OFFLOAD=auto picks one that fits"
-        return Plan(mode, fits, peak, gpu_bytes, moved, f"OFFLOAD={mode} as set; {_gb(peak)} needed of "
-                    f"{_gb(gpu_bytes)}, {verdict}")
+        fits = peak(mode) <= gpu_bytes
+        verdict = "fits" if fits else "does NOT fit: expect jobs to be refused; OFFLOAD=auto picks one that fits"
+        return make(mode, fits, f"OFFLOAD={mode} as set; {_gb(peak(mode))} needed of {_gb(gpu_bytes)} for a 1 MP "
+                                f"one-image job, {verdict}")
     for candidate in MODES:
-        peak, moved = need(candidate, sizes, headroom)
-        if peak <= gpu_bytes:
-            faster = [f"{m} needs {_gb(need(m, sizes, headroom)[0])}" for m in MODES[:MODES.index(candidate)]]
+        if peak(candidate) <= gpu_bytes:
+            faster = [f"{m} needs {_gb(peak(m))}" for m in MODES[:MODES.index(candidate)]]
             why = f"; faster ones do not fit ({', '.join(faster)})" if faster else ""
-            return Plan(candidate, True, peak, gpu_bytes, moved,
-                        f"fastest that fits: {_gb(peak)} needed of {_gb(gpu_bytes)}{why}")
-    smallest, _ = need("group", sizes, headroom)
-    return Plan("group", False, smallest, gpu_bytes, total, (
-        f"nothing fits: even group offload needs {_gb(smallest)} (weights streamed, {_gb(headroom)} for a 2 MP, "
-        f"num_images 4 job) and the GPU has {_gb(gpu_bytes)}; use a larger GPU class"))
+            return make(candidate, True, f"fastest that fits: {_gb(peak(candidate))} needed of {_gb(gpu_bytes)} "
+                                         f"for a 1 MP one-image job ({_what(candidate)}){why}")
+    return make("group", False, (
+        f"nothing fits: even group offload needs {_gb(peak('group'))} (weights streamed, a 1 MP one-image job) "
+        f"and the GPU has {_gb(gpu_bytes)}; use a larger GPU class"))
+
+
+def _what(mode: str) -> str:
+    return {"none": "every component resident",
+            "text_encoder": "transformer and VAE resident, text encoder streamed for each prompt",
+            "model": "components moved to the GPU whole while used",
+            "group": "every component streamed layer by layer, the transformer once per step"}[mode]
 
 
 def _gb(size: int) -> str:

@@ -54,41 +54,58 @@ class Editor:
 
     def edit(self, pictures: list[Image.Image], *, prompt: str, negative_prompt: str, true_cfg_scale: float,
              steps: int, size: tuple[int, int], seeds: list[int], clock: StageClock,
-             on_step: Callable[[int, int], None] | None = None) -> np.ndarray:
-        """Edit `pictures`; return (len(seeds), H, W, 3) uint8 pixels."""
+             on_step: Callable[[int, int], None] | None = None, batch: int | None = None) -> np.ndarray:
+        """Edit `pictures`; return (len(seeds), H, W, 3) uint8 pixels.
+
+        `batch` images at most go through the pipeline at once (placement/jobs.py sizes it to the GPU
+        memory left); more run as several calls, the prompt encoded once.  Each image has its own
+        generator, so its pixels do not depend on how the job was split.
+        """
         width, height = size
         generators = [torch.Generator(device="cpu").manual_seed(seed) for seed in seeds]
         use_cfg = true_cfg_scale > 1.0
+        per_call = max(1, min(batch or len(seeds), len(seeds)))
+        chunks = [generators[i:i + per_call] for i in range(0, len(generators), per_call)]
+        total_steps = steps * len(chunks)
+        done_before = 0
 
         def step_end(pipe: Any, index: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
             clock.mark("last_step")
             self._steps_done = index + 1
             if on_step is not None:
-                on_step(index + 1, steps)
+                on_step(done_before + index + 1, total_steps)
             return {}
 
-        def run() -> Any:
-            with self._bound(clock), working_area(self.model.pipe, width * height):
-                output = self.model.pipe(
-                    image=pictures if len(pictures) > 1 else pictures[0],
-                    prompt=prompt,
-                    negative_prompt=negative_prompt if use_cfg else None,
-                    true_cfg_scale=true_cfg_scale,
-                    height=height,
-                    width=width,
-                    num_inference_steps=steps,
-                    num_images_per_prompt=len(seeds),
-                    generator=generators,
-                    output_type="pt",
-                    callback_on_step_end=step_end,
-                )
+        def call(chunk: list[torch.Generator]) -> Any:
+            output = self.model.pipe(
+                image=pictures if len(pictures) > 1 else pictures[0],
+                prompt=prompt,
+                negative_prompt=negative_prompt if use_cfg else None,
+                true_cfg_scale=true_cfg_scale,
+                height=height,
+                width=width,
+                num_inference_steps=steps,
+                num_images_per_prompt=len(chunk),
+                generator=chunk,
+                output_type="pt",
+                callback_on_step_end=step_end,
+            )
             start = clock.marks.get("vae_encode_end", clock.started)
             clock.add("denoise", clock.marks.get("last_step", start) - start)
-            return output
+            return output.images
 
-        output = self.section.run(clock, run)
+        def run() -> Any:
+            nonlocal done_before
+            images = []
+            with self._bound(clock), working_area(self.model.pipe, width * height), encoded_once(self.model.pipe):
+                for chunk in chunks:
+                    images.append(call(chunk))
+                    done_before += steps
+            return torch.cat(images)
+
+        images = self.section.run(clock, run)
         with clock.stage("outputs"):
-            pixels = (output.images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
+            pixels = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
             return pixels.cpu().numpy()
 
     def warm_up(self, size: tuple[int, int]) -> None:
@@ -139,6 +156,35 @@ def working_area(pipe: Any, area: int) -> Iterator[None]:
         yield
     finally:
         module.calculate_dimensions = original
+
+
+@contextmanager
+def encoded_once(pipe: Any) -> Iterator[None]:
+    """Within the block, the pipeline encodes each distinct prompt once (later batches of a job reuse it).
+
+    Wraps the instance's `_get_qwen_prompt_embeds(prompt, image, device)`, which both Qwen edit
+    pipelines call for the prompt (and the negative prompt under CFG) before repeating the result
+    num_images_per_prompt times; the pictures are the same for every batch of a job, so the key
+    is the prompt alone.
+    """
+    original = pipe._get_qwen_prompt_embeds
+    own = vars(pipe).get("_get_qwen_prompt_embeds")  # an instance-level override to put back, if any
+    memo: dict[tuple[str, ...], Any] = {}
+
+    def once(prompt: Any = None, *args: Any, **kwargs: Any) -> Any:
+        key = (prompt,) if isinstance(prompt, str) else tuple(prompt)
+        if key not in memo:
+            memo[key] = original(prompt, *args, **kwargs)
+        return memo[key]
+
+    pipe._get_qwen_prompt_embeds = once
+    try:
+        yield
+    finally:
+        if own is None:
+            del pipe._get_qwen_prompt_embeds  # back to the class's method
+        else:
+            pipe._get_qwen_prompt_embeds = own
 
 
 def _pipeline_module(pipe: Any) -> str:

@@ -15,6 +15,7 @@ import secrets
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from .. import placement
 from ..accounting.cost import job_cost
 from ..accounting.timing import StageClock, billed_seconds, timing_report
 from ..errors import SettingsError, WorkerError
@@ -106,6 +107,7 @@ class Worker:
         editor, cold, waited = self.model.get()
         clock.set_sync(editor.sync)
         size, warnings = _plan(request, pictures[-1].size, settings.lightning)
+        fit = placement.fit_request(editor.model.placement, size, pictures, request, settings.variant)  # or refuse
         seed = request.seed if request.seed is not None else secrets.randbelow(MAX_SEED + 1)
         seeds = [(seed + i) % (MAX_SEED + 1) for i in range(request.num_images)]
 
@@ -116,7 +118,7 @@ class Worker:
         pixels = editor.edit(
             pictures, prompt=request.prompt, negative_prompt=request.negative_prompt,
             true_cfg_scale=request.true_cfg_scale, steps=request.num_inference_steps, size=size, seeds=seeds,
-            clock=clock, on_step=on_step,
+            clock=clock, on_step=on_step, batch=fit.batch,
         )
         with clock.stage("outputs"):
             images = _outputs(job_id, pixels, seeds, request, bucket, settings.max_response_bytes)

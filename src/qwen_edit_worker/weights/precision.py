@@ -32,7 +32,8 @@ from typing import Any
 from .errors import ModelLoadError
 
 log = logging.getLogger(__name__)
-PRECISIONS = ("bf16", "int8", "fp8")  # the values of PRECISION and TEXT_ENCODER_PRECISION
+PRECISIONS = ("bf16", "int8", "fp8")  # the values of TEXT_ENCODER_PRECISION and of a bake
+PRECISION_SETTINGS = (*PRECISIONS, "auto")  # PRECISION also takes auto (resolve)
 QUANTISED = PRECISIONS[1:]
 MIN_CAPABILITY = {"int8": (8, 0), "fp8": (8, 9)}
 GPU_NAMES = {"int8": "Ampere, Ada or Hopper", "fp8": "Ada or Hopper"}
@@ -58,6 +59,22 @@ def check(precision: str, setting: str, cuda: bool, capability: tuple[int, int] 
         raise ModelLoadError(setting, f"{precision} needs compute capability {need[0]}.{need[1]} or newer "
                                       f"({GPU_NAMES[precision]}); this GPU is {capability[0]}.{capability[1]}; "
                                       f"use {'bf16 or int8' if capability >= (8, 0) else 'bf16'}")
+
+
+def resolve(precision: str, cuda: bool, capability: tuple[int, int] | None, baked: str = "bf16") -> str:
+    """PRECISION=auto made concrete; any other value is returned as it is.
+
+    auto: what a quantised bake stored; else fp8 on Ada and Hopper (compute capability 8.9+), int8
+    on Ampere (8.0+), bf16 on older GPUs and without one (a CPU runs int8, but slowly: auto does not
+    choose it there).  The transformer is 20.5 GB either way, so the placement is the same.
+    """
+    if precision != "auto":
+        return precision
+    if baked != "bf16":
+        return baked
+    if not cuda or capability is None:
+        return "bf16"
+    return "fp8" if capability >= MIN_CAPABILITY["fp8"] else "int8" if capability >= MIN_CAPABILITY["int8"] else "bf16"
 
 
 def linear_weight_bytes(rows: int, columns: int, precision: str) -> int:
@@ -114,6 +131,70 @@ def quantise_text_encoder(text_encoder: Any, precision: str) -> None:
     quantize_(text_encoder, torchao_config(precision), filter_fn=chosen)
     log.info("precision: text encoder quantised to %s in %.1f s (vision tower kept)", precision,
              time.perf_counter() - started)
+
+
+def text_encoder_chosen(text_encoder: Any) -> Any:
+    """The filter (module, fqn) -> bool of the text encoder's layers to quantise (as `quantise_text_encoder`)."""
+    import torch
+
+    kept = tuple(f"{p}." for p in text_encoder_kept(lm_head_tied(text_encoder)))
+    return lambda module, fqn: isinstance(module, torch.nn.Linear) and not f"{fqn}.".startswith(kept)
+
+
+def quantise_by_block(module: Any, precision: str, device: Any, home: Any, chosen: Any = None) -> dict[str, Any]:
+    """Quantise `module`'s chosen linear layers one block at a time on `device`, leaving each on `home`.
+
+    A block is an element of a ModuleList (a transformer block, a language-model layer); a chosen
+    linear outside any list is a block of its own.  Only that block's linear weights are on `device`
+    at once (beside whatever already lives there), so a 24 GB GPU holding the resident int8
+    transformer can still quantise a 16.6 GB bf16 text encoder, and the whole bf16 transformer never
+    has to fit the GPU: each quantised block lands where the placement wants it (`home`: the GPU when
+    it stays resident, the CPU when it is offloaded).  The CPU copy of each bf16 weight is dropped as
+    its block moves, so host memory only ever shrinks.  The result equals quantising the whole
+    module at once (the same torchao configuration, layer by layer: a test compares the pixels).
+    Returns {"where", "blocks", "seconds"} for the log and the job's `model` block.
+    """
+    import torch
+    from torchao.quantization import quantize_
+
+    chosen = chosen or (lambda m, fqn: isinstance(m, torch.nn.Linear))
+    started = time.perf_counter()
+    lists = [name for name, m in module.named_modules() if isinstance(m, torch.nn.ModuleList)]
+    blocks: dict[str, list[str]] = {}
+    for fqn, sub in module.named_modules():
+        if chosen(sub, fqn) and not isinstance(getattr(sub, "weight", None), _quantised_type()):
+            blocks.setdefault(_block_of(fqn, lists), []).append(fqn)
+    config = torchao_config(precision)
+    for names in blocks.values():
+        members = set(names)
+        for name in names:
+            module.get_submodule(name).to(device)
+        quantize_(module, config, filter_fn=lambda m, fqn, members=members: fqn in members)
+        if str(home) != str(device):
+            for name in names:
+                module.get_submodule(name).to(home)
+    seconds = time.perf_counter() - started
+    where = f"{torch.device(device).type}, block by block"
+    log.info("precision: %s quantised to %s on %s in %.1f s (%d blocks, kept on %s)", type(module).__name__,
+             precision, where, seconds, len(blocks), home)
+    return {"where": where, "blocks": len(blocks), "seconds": round(seconds, 2)}
+
+
+def _block_of(fqn: str, lists: list[str]) -> str:
+    """`a.layers.3` for `a.layers.3.mlp.up`, when `a.layers` is a ModuleList; else the layer's own name."""
+    for name in sorted(lists, key=len):  # the outermost list: a whole block, not its MLP's inner list
+        prefix = f"{name}." if name else ""
+        if fqn.startswith(prefix):
+            index = fqn[len(prefix):].split(".", 1)[0]
+            if index.isdigit():
+                return f"{prefix}{index}"
+    return fqn
+
+
+def _quantised_type() -> type:
+    from torchao.utils import TorchAOBaseTensor
+
+    return TorchAOBaseTensor
 
 
 def quantised_linears(module: Any) -> int:

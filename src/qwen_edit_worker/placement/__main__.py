@@ -1,0 +1,69 @@
+"""`python -m qwen_edit_worker.placement`: the plan a worker would make, before deploying it.
+
+Why this exists: choosing a GPU class and precisions is a deployment decision, and the answer
+(what stays on the GPU, what crosses PCIe per job, the largest job, images per batch) should be
+known before paying for a worker.  It prints the same JSON object the worker logs at load and
+reports in each job's `model.placement`, from the real model's sizes (REFERENCE_BYTES) or from a
+diffusers folder's safetensors headers (`--model-path`).  Exit 0 when the plan fits; 1 with the
+plan and its reason when nothing fits; 2 with one line on a bad argument.  Never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from ..weights.precision import PRECISION_SETTINGS, PRECISIONS
+from ..weights.variants import DEFAULT_VARIANT, VARIANTS
+from .planner import GB, MODES, model_bytes, plan, reference_sizes
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m qwen_edit_worker.placement",
+                                     description="Print the placement plan for a GPU size and precisions (JSON).")
+    parser.add_argument("--gpu-gb", type=float, required=True, help="GPU memory in GB (10^9 bytes)")
+    parser.add_argument("--precision", choices=PRECISION_SETTINGS, default="bf16",
+                        help="PRECISION (the transformer; auto: fp8 or int8 by GPU, the same bytes)")
+    parser.add_argument("--text-encoder-precision", choices=PRECISIONS, default="bf16",
+                        help="TEXT_ENCODER_PRECISION")
+    parser.add_argument("--offload", choices=("auto", *MODES), default="auto", help="OFFLOAD (default auto)")
+    parser.add_argument("--memory-saving", choices=("auto", "on", "off"), default="auto",
+                        help="MEMORY_SAVING (auto: VAE slicing and tiling below 48 GB)")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--variant", choices=list(VARIANTS), default=DEFAULT_VARIANT,
+                       help="the real model's sizes (same transformer for every variant)")
+    where.add_argument("--model-path", type=Path, help="a diffusers folder: sizes from its safetensors headers")
+    args = parser.parse_args(argv)
+    if not 0 < args.gpu_gb < 10_000:
+        print(f"--gpu-gb: must be a positive size in GB (got {args.gpu_gb:g})", file=sys.stderr)
+        return 2
+    variant = VARIANTS[args.variant]
+    sized = "int8" if args.precision == "auto" else args.precision  # fp8 and int8 take the same bytes
+    if args.model_path is not None:
+        if not (args.model_path / "model_index.json").is_file():
+            print(f"--model-path: {args.model_path} is not a diffusers pipeline folder (no model_index.json)",
+                  file=sys.stderr)
+            return 2
+        try:
+            sizes = model_bytes(args.model_path, sized, args.text_encoder_precision)
+        except (OSError, ValueError, KeyError) as err:
+            print(f"--model-path: cannot read the safetensors headers in {args.model_path}: {err}", file=sys.stderr)
+            return 2
+        index = json.loads((args.model_path / "model_index.json").read_text())
+        edit_plus = index.get("_class_name") != "QwenImageEditPipeline"
+    else:
+        sizes = reference_sizes(sized, args.text_encoder_precision)
+        edit_plus = variant.pipeline_class != "QwenImageEditPipeline"
+    tiled = None if args.memory_saving == "auto" else args.memory_saving == "on"
+    result = plan(sizes, int(args.gpu_gb * GB), args.offload, quantised=args.precision != "bf16", vae_tiled=tiled,
+                  edit_plus=edit_plus)
+    info = {**result.info(), "component_gb": {k: round(v / GB, 2) for k, v in sizes.items()},
+            "precision": args.precision, "text_encoder_precision": args.text_encoder_precision}
+    print(json.dumps(info, indent=2))
+    return 0 if result.fits else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
