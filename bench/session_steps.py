@@ -130,8 +130,12 @@ def profile(step: Step, worker: Worker, job_ms: float) -> None:
     def device_us(e: Any) -> float:
         return float(getattr(e, "self_device_time_total", 0.0) or getattr(e, "self_cuda_time_total", 0.0) or 0.0)
 
-    key = "self_cuda_time_total" if CUDA else "self_cpu_time_total"
-    (step.out / "profile.txt").write_text(events.table(sort_by=key, row_limit=40))
+    for key in (("self_device_time_total", "self_cuda_time_total") if CUDA else ()) + ("self_cpu_time_total",):
+        try:  # the sort key's name moved from cuda to device across torch versions
+            (step.out / "profile.txt").write_text(events.table(sort_by=key, row_limit=40))
+            break
+        except (AttributeError, KeyError, ValueError):
+            continue
     ranked = sorted(events, key=lambda e: device_us(e) if CUDA else e.self_cpu_time_total, reverse=True)[:20]
     step.emit("profile", job_ms=round(job_ms, 1), threshold_ms=step.profile_over_ms,
               total_self_device_ms=round(sum(device_us(e) for e in events) / 1000, 2),
