@@ -53,7 +53,7 @@ def assemble(folder: Path) -> dict[str, Any]:
     kinds: dict[str, list[dict[str, Any]]] = {}
     for record in records:
         kinds.setdefault(record.get("kind", "?"), []).append(record)
-    env = (kinds.get("env") or [{}])[-1]
+    env = {k: v for r in kinds.get("env", []) for k, v in r.items()}  # written in parts, each as measured
     session = (kinds.get("session") or [{}])[0]
     deviation = {r["precision"]: {k: v for k, v in r.items() if k not in ("kind", "step", "precision")}
                  for r in kinds.get("deviation", [])}
@@ -90,7 +90,10 @@ def _gb(value: Any) -> str:
 
 def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
-    return lines + ["| " + " | ".join("" if c is None else str(c) for c in row) + " |" for row in rows]
+    def cell(value: Any) -> str:
+        return "" if value is None else str(value).replace("|", "\\|").replace("\n", " ")
+
+    return lines + ["| " + " | ".join(cell(c) for c in row) + " |" for row in rows]
 
 
 def _median(runs: list[dict[str, Any]], key: str) -> float | None:
@@ -131,10 +134,18 @@ def report(results: dict[str, Any]) -> str:
                    "text encode", "VAE encode", "denoise", "decode", "outputs", "per step", "job ms",
                    "outside GPU", "peak GB", "outcome"], rows)
     if results["attention"]:
-        out += ["", "Attention backends (1 MP, edit-2511): per transformer step and per attention call:", ""]
-        out += _table(["backend", "ms per step", "step TFLOP/s", "share of measured peak", "call ms", "call TFLOP/s"],
-                      [[a["backend"], _ms(a.get("ms_per_step")), a.get("step_tflops"), a.get("peak_share"),
-                        a.get("call_ms"), a.get("call_tflops")] for a in results["attention"]])
+        peak = results.get("peak_bf16_tflops")
+
+        def share(tflops: Any) -> str:
+            return f"{100 * tflops / peak:.0f}%" if tflops and peak else ""
+
+        out += ["", f"Attention backends (1 MP, edit-2511): per transformer step and per attention call, against the "
+                    f"measured bf16 peak ({peak} TFLOP/s):", ""]
+        out += _table(["backend", "ms per step", "step TFLOP/s", "of peak", "call ms", "call TFLOP/s", "of peak",
+                       "unusable because"],
+                      [[a["backend"], _ms(a.get("ms_per_step")), a.get("step_tflops"), share(a.get("step_tflops")),
+                        a.get("call_ms"), a.get("call_tflops"), share(a.get("call_tflops")), a.get("unusable", "")]
+                       for a in results["attention"]])
     if results["deviation"]:
         out += ["", "Precision (1 MP, same inputs and seed; relative L2 against bf16):", ""]
         out += _table(["precision", "ms per step", "peak GB", "first step rel L2 %", "pixels rel L2 %", "note"],
@@ -174,7 +185,7 @@ def decisions(results: dict[str, Any]) -> list[str]:
         for name in ("H100", "H200"):
             price = table_price(name)
             how = "measured" if results.get("gpu") and name in results["gpu"] else "this run's seconds at its price"
-            lines.append(f"cost {name}: {bf16 / 1000:.2f} s x {price} USD/s = {bf16 / 1000 * price:.4f} USD per "
+            lines.append(f"cost {name}: {bf16 / 1000:.2f} s x {price} USD/s = {bf16 / 1000 * price:.5f} USD per "
                          f"image ({how if results.get('gpu') else 'not a GPU figure'})")
     steps = {p: d.get("ms_per_step") for p, d in results["deviation"].items() if d.get("ms_per_step")}
     if steps:

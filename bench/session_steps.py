@@ -69,17 +69,17 @@ def env(step: Step) -> None:
                                               capture_output=True, text=True, timeout=20).stdout.strip()
         except (OSError, subprocess.TimeoutExpired) as err:
             record["driver"] = f"unknown ({err})"
-    try:
-        import xformers.ops  # noqa: F401  (does the carried wheel load beside this torch?)
-
-        record["xformers_import"] = "ok"
-    except Exception as err:  # its error is the finding
-        record["xformers_import"] = f"{type(err).__name__}: {str(err)[:200]}"
+    step.emit("env", **record)  # first, before anything below can crash the process
     n = 8192 if CUDA else 512
     a, b = (torch.randn(n, n, device=DEVICE, dtype=DTYPE) for _ in range(2))
     ms = _median_ms(lambda: a @ b, 10)
-    record["peak_bf16_tflops" if CUDA else "cpu_matmul_tflops"] = round(2 * n**3 / (ms / 1000) / 1e12, 1)
-    step.emit("env", **record)
+    step.emit("env", **{"peak_bf16_tflops" if CUDA else "cpu_matmul_tflops": round(2 * n**3 / (ms / 1000) / 1e12, 1)})
+    try:
+        import xformers.ops  # noqa: F401  (does the carried wheel load beside this torch?)
+
+        step.emit("env", xformers_import="ok")
+    except Exception as err:  # its error is the finding
+        step.emit("env", xformers_import=f"{type(err).__name__}: {str(err)[:200]}")
 
 
 def _median_ms(fn: Callable[[], Any], repeat: int) -> float:
