@@ -268,7 +268,10 @@ def cold_start(step: Step) -> None:
     built = time.perf_counter()
     pipe.save_pretrained(folder)
     lora = folder / "lightning" / variant.lora_basename
-    tiny.write_lora(lora) if step.tiny else realshapes.write_lora(lora, pipe.transformer)
+    if step.tiny:
+        tiny.write_lora(lora)
+    else:
+        realshapes.write_lora(lora, pipe.transformer)
     size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
     step.emit("cold_start", build_s=round(built - started, 2), save_s=round(time.perf_counter() - built, 2),
               folder_gb=round(size / 1e9, 3), text_encoder="real width, 1 layer" if not step.tiny else "tiny")
