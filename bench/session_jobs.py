@@ -83,13 +83,10 @@ class SessionWorker(Worker):
 
 def new_transformer(tiny_mode: bool, seed: int = 0) -> Any:
     """The transformer alone, the same weights as `build_model`'s for the same seed."""
+    variant = Settings.from_env({"MODEL_VARIANT": VARIANT}).variant
     if tiny_mode:
-        return tiny.build_components(tiny_settings().variant, tiny.base_scheduler())["transformer"]
-    return realshapes.transformer(DEVICE, DTYPE, zero_cond_t=True, seed=seed)
-
-
-def tiny_settings() -> Settings:
-    return Settings.from_env({"MODEL_VARIANT": VARIANT})
+        return tiny.build_components(variant, tiny.base_scheduler())["transformer"]
+    return realshapes.transformer(DEVICE, DTYPE, zero_cond_t=variant.zero_cond_t, seed=seed)
 
 
 def build_model(settings: Settings, tiny_mode: bool, gpu_bytes: int | None = None, seed: int = 0) -> LoadedModel:
