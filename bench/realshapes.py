@@ -1,0 +1,101 @@
+"""Real-shaped Qwen-Image-Edit components with random weights, made directly on the device.
+
+Why this exists: no hub is reachable from the GPU machine, and the real transformer is 41 GB in
+bf16, so the benchmarks build the real configs (transformer 20.4 B, Qwen2.5-VL-7B text encoder
+8.3 B, VAE 127 M) with random weights, created on the GPU in bf16 inside a `torch.device` context
+(no CPU copy, no float32 detour).  Random weights give the real model's arithmetic and memory,
+never its pictures.  bench/gpu and bench/gpu-session share these builders; the builders are
+seeded, so a transformer rebuilt with the same seed holds the same weights (deviation checks).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qwen_edit_worker.model import tiny
+from qwen_edit_worker.weights import lightning
+
+TEXT_CONFIG = {"hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28,
+               "num_key_value_heads": 4, "vocab_size": 152064, "max_position_embeddings": 128000,
+               "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]}}
+VISION_CONFIG = {"depth": 32, "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16,
+                 "out_hidden_size": 3584, "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2,
+                 "window_size": 112, "fullatt_block_indexes": [7, 15, 23, 31]}
+
+
+@contextmanager
+def on(device: str, dtype: torch.dtype) -> Iterator[None]:
+    """Create parameters directly on `device` in `dtype` (random init runs there)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def text_encoder_config(tokenizer: Any, layers: int | None = None) -> Any:
+    """The real Qwen2.5-VL-7B config (or the same widths with `layers` text and vision layers)."""
+    from transformers import Qwen2_5_VLConfig
+
+    text, vision = dict(TEXT_CONFIG), dict(VISION_CONFIG)
+    if layers is not None:  # same widths, fewer layers: a small folder that still fits the transformer
+        text["num_hidden_layers"], vision["depth"], vision["fullatt_block_indexes"] = layers, layers, [layers - 1]
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in tiny.SPECIAL_TOKENS}
+    return Qwen2_5_VLConfig(text_config=text, vision_config=vision, vocab_size=152064,
+                            image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+                            vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+
+
+def transformer(device: str, dtype: torch.dtype, zero_cond_t: bool = True, seed: int | None = None) -> Any:
+    """The real QwenImageTransformer2DModel with random weights (the same weights for the same seed)."""
+    from diffusers import QwenImageTransformer2DModel
+
+    if seed is not None:
+        torch.manual_seed(seed)
+    with on(device, dtype):
+        return QwenImageTransformer2DModel(zero_cond_t=zero_cond_t).eval()
+
+
+def components(device: str, dtype: torch.dtype, zero_cond_t: bool = True, seed: int | None = None,
+               text_layers: int | None = None) -> dict[str, Any]:
+    """Every real-config component with random weights; the transformer first, so a seed fixes it alone."""
+    from diffusers import AutoencoderKLQwenImage
+    from transformers import (
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2VLImageProcessor,
+        Qwen2VLProcessor,
+        Qwen2VLVideoProcessor,
+    )
+
+    tokenizer = tiny.build_tokenizer()  # byte-level: its ids fit in the real vocabulary
+    parts = {"transformer": transformer(device, dtype, zero_cond_t, seed)}
+    with on(device, dtype):
+        parts["vae"] = AutoencoderKLQwenImage().eval()
+        parts["text_encoder"] = Qwen2_5_VLForConditionalGeneration(text_encoder_config(tokenizer, text_layers)).eval()
+    processor = Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(), tokenizer=tokenizer,
+                                 video_processor=Qwen2VLVideoProcessor())
+    return {**parts, "tokenizer": tokenizer, "processor": processor,
+            "scheduler": lightning.lightning_scheduler(tiny.base_scheduler())}
+
+
+def write_lora(path: Path, model: Any, rank: int = 16, seed: int = 1) -> Path:
+    """A Lightning-shaped LoRA for `model` (any size) in LightX2V's key layout, small random values."""
+    from safetensors.torch import save_file
+
+    generator = torch.Generator().manual_seed(seed)
+    state: dict[str, torch.Tensor] = {}
+    for name, module in model.named_modules():
+        if name.startswith("transformer_blocks.") and name.endswith(tiny.LORA_MODULES):
+            state[f"{name}.lora_down.weight"] = torch.randn(rank, module.in_features, generator=generator) * 0.01
+            state[f"{name}.lora_up.weight"] = torch.randn(module.out_features, rank, generator=generator) * 0.01
+            state[f"{name}.alpha"] = torch.tensor(float(rank))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.to(torch.bfloat16) for k, v in state.items()}, str(path))
+    return path
