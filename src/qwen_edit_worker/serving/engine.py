@@ -20,7 +20,7 @@ from __future__ import annotations
 import functools
 import sys
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
 import numpy as np
@@ -54,8 +54,12 @@ class Editor:
 
     def edit(self, pictures: list[Image.Image], *, prompt: str, negative_prompt: str, true_cfg_scale: float,
              steps: int, size: tuple[int, int], seeds: list[int], clock: StageClock,
-             on_step: Callable[[int, int], None] | None = None) -> np.ndarray:
-        """Edit `pictures`; return (len(seeds), H, W, 3) uint8 pixels."""
+             on_step: Callable[[int, int], None] | None = None,
+             around: AbstractContextManager[None] | None = None) -> np.ndarray:
+        """Edit `pictures`; return (len(seeds), H, W, 3) uint8 pixels.
+
+        `around` wraps the pipeline call inside the GPU section (the job's request LoRAs, loras/service.py).
+        """
         width, height = size
         generators = [torch.Generator(device="cpu").manual_seed(seed) for seed in seeds]
         use_cfg = true_cfg_scale > 1.0
@@ -68,7 +72,7 @@ class Editor:
             return {}
 
         def run() -> Any:
-            with self._bound(clock), working_area(self.model.pipe, width * height):
+            with around or nullcontext(), self._bound(clock), working_area(self.model.pipe, width * height):
                 output = self.model.pipe(
                     image=pictures if len(pictures) > 1 else pictures[0],
                     prompt=prompt,

@@ -18,6 +18,7 @@ from typing import Any
 from ..accounting.cost import job_cost
 from ..accounting.timing import StageClock, billed_seconds, timing_report
 from ..errors import SettingsError, WorkerError
+from ..loras.service import RequestLoras
 from ..pictures import images_in, images_out, sizing, uploads
 from ..schema import MAX_SEED, EditRequest, ModelDefaults, parse_request
 from ..settings import Settings
@@ -43,6 +44,7 @@ class Worker:
             log.error("bad setting, every job will fail until it is fixed: %s", err)
             self.settings_error = err
         self.model: LazyLoad[Any] = LazyLoad(self._load)
+        self.loras = RequestLoras(self.settings) if self.settings is not None else None
         s = self.settings
         self.bucket = uploads.Bucket(s.bucket_endpoint_url, s.bucket_access_key_id, s.bucket_secret_access_key,
                                      s.bucket_name) if s is not None and s.bucket_configured else None
@@ -95,14 +97,24 @@ class Worker:
         settings = self.settings
         clock = StageClock()
         defaults = ModelDefaults.for_model(settings.variant, settings.lightning)
-        request = parse_request(job.get("input"), settings.variant, defaults)
+        request = parse_request(job.get("input"), settings.variant, defaults, settings.max_loras)
         bucket = uploads.job_bucket(job, self.bucket)
         limits = images_in.InputLimits(settings.max_input_bytes, settings.max_input_pixels,
                                        settings.allow_loopback_urls)
         with clock.stage("inputs"):
             area = sizing.working_area(request.size, request.megapixels)
             pictures = [images_in.load_image(source, field, limits, area) for source, field in request.sources()]
+        assert self.loras is not None
+        loras = self.loras.fetch(request.loras, clock)  # before the GPU: the next job's LoRA downloads meanwhile
+        try:
+            return self._edit(job, job_id, request, pictures, loras, bucket, clock)
+        finally:
+            self.loras.release(loras)
 
+    def _edit(self, job: Mapping[str, Any], job_id: str, request: EditRequest, pictures: list[Any], loras: list[Any],
+              bucket: uploads.Bucket | None, clock: StageClock) -> dict[str, Any]:
+        assert self.settings is not None and self.loras is not None
+        settings = self.settings
         editor, cold, waited = self.model.get()
         clock.set_sync(editor.sync)
         size, warnings = _plan(request, pictures[-1].size, settings.lightning)
@@ -116,7 +128,7 @@ class Worker:
         pixels = editor.edit(
             pictures, prompt=request.prompt, negative_prompt=request.negative_prompt,
             true_cfg_scale=request.true_cfg_scale, steps=request.num_inference_steps, size=size, seeds=seeds,
-            clock=clock, on_step=on_step,
+            clock=clock, on_step=on_step, around=self.loras.applied(editor.model.pipe, loras, clock),
         )
         with clock.stage("outputs"):
             images = _outputs(job_id, pixels, seeds, request, bucket, settings.max_response_bytes)
@@ -125,13 +137,14 @@ class Worker:
         cost = job_cost(billed_seconds(clock), len(images), model.gpu_name, settings.gpu_price_per_second)
         log.info(
             "job %s done: %d image(s) %dx%d from %d input(s), %d steps, cfg %.1f, seed %d, cold=%s, "
-            "stages ms: %s, total %.0f ms, cost %s", job_id, len(images), size[0], size[1], len(pictures),
+            "stages ms: %s, total %.0f ms, cost %s, loras %d%s", job_id, len(images), size[0], size[1], len(pictures),
             request.num_inference_steps, request.true_cfg_scale, seed, cold,
             " ".join(f"{k.removesuffix('_ms')}={v}" for k, v in timing.items() if k.endswith("_ms")),
             timing["total_ms"], "unknown" if cost["usd"] is None else f"${cost['usd']:.5f}",
+            len(loras), "".join(f" {item.sha256[:12]}" for item in loras),  # sha256s only: URLs may be signed
         )
-        return {"images": images, "seed": seed, "timing": timing, "cost": cost,
-                "model": model.info(request.num_inference_steps), "warnings": warnings}
+        info = {**model.info(request.num_inference_steps), "loras": self.loras.report(loras)}
+        return {"images": images, "seed": seed, "timing": timing, "cost": cost, "model": info, "warnings": warnings}
 
     def _out_of_memory(self, job_id: str) -> dict[str, Any]:
         import gc

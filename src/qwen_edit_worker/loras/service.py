@@ -1,0 +1,86 @@
+"""Request LoRAs for the worker: what a job calls, in two places, and nothing more.
+
+Why this exists: the job's story (serving/worker.py) should read as two lines: fetch the job's
+LoRAs in its input stage (`fetch`, outside the GPU section, timed as `lora`), and apply them
+around the pipeline call inside it (`applied`, timed as `lora` too, off again afterwards).  This
+class holds the worker-wide parts (the disk cache, the in-flight downloads, the adapter slots of
+the loaded pipeline) built from the settings, the cache only when a first job needs it.
+"""
+
+from __future__ import annotations
+
+import threading
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any
+
+from ..accounting.timing import StageClock
+from ..errors import RequestError, SettingsError
+from ..settings import Settings
+from .cache import LoraCache
+from .fetch import Fetched, LoraFetcher
+from .request import LoraItem
+from .slots import AdapterSlots
+from .support import adapter_problem
+
+
+class RequestLoras:
+    """One per worker."""
+
+    def __init__(self, settings: Settings, timeout_s: float | None = None) -> None:
+        self.settings = settings
+        self._timeout_s = timeout_s
+        self._lock = threading.Lock()
+        self._fetcher: LoraFetcher | None = None
+        self._slots: dict[int, AdapterSlots] = {}
+
+    @property
+    def fetcher(self) -> LoraFetcher:
+        with self._lock:
+            if self._fetcher is None:
+                s = self.settings
+                try:
+                    cache = LoraCache(s.lora_cache_dir, s.lora_cache_bytes)
+                except OSError as err:
+                    raise SettingsError("LORA_CACHE_DIR", f"cannot use {s.lora_cache_dir} for the LoRA cache "
+                                                          f"({err.strerror or type(err).__name__})") from None
+                extra = {} if self._timeout_s is None else {"timeout_s": self._timeout_s}
+                self._fetcher = LoraFetcher(cache, max_bytes=s.lora_max_bytes, lora_dir=s.lora_dir,
+                                            allow_loopback=s.allow_loopback_urls, hf_endpoint=s.hf_endpoint,
+                                            hf_token=s.hf_token, **extra)
+            return self._fetcher
+
+    def fetch(self, items: tuple[LoraItem, ...], clock: StageClock) -> list[Fetched]:
+        """The job's LoRAs on disk and checked (held until `release`); raise RequestError."""
+        if not items:
+            return []
+        problem = adapter_problem(self.settings.precision)
+        if problem:
+            raise RequestError("input.loras", problem)
+        with clock.stage("lora"):
+            return self.fetcher.fetch_all(items)
+
+    def slots(self, pipe: Any) -> AdapterSlots:
+        with self._lock:
+            slots = self._slots.get(id(pipe))
+            if slots is None or slots.pipe is not pipe:
+                slots = self._slots[id(pipe)] = AdapterSlots(pipe, self.settings.lora_slots)
+            return slots
+
+    def applied(self, pipe: Any, fetched: list[Fetched], clock: StageClock) -> AbstractContextManager[None]:
+        """Wrap the pipeline call: the job's LoRAs active inside, none after (none before a LoRA was ever used)."""
+        if not fetched and id(pipe) not in self._slots:
+            return nullcontext()
+        return self.slots(pipe).applied(fetched, clock)
+
+    def loaded_bytes(self) -> int:
+        """Bytes of adapters loaded on the GPU now (the placement plan's headroom must cover them)."""
+        return sum(slots.loaded_bytes() for slots in self._slots.values())
+
+    @staticmethod
+    def release(fetched: list[Fetched]) -> None:
+        for item in fetched:
+            item.release()
+
+    @staticmethod
+    def report(fetched: list[Fetched]) -> list[dict[str, Any]]:
+        return [item.report() for item in fetched]
