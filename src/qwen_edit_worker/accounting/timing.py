@@ -3,8 +3,7 @@
 Why this exists: what an edit costs is the GPU's price per second times the job's seconds, so
 people need to see every stage (inputs, request LoRAs (fetch and activation), text encoding,
 VAE encoding, denoising, decoding, outputs), plus `queue`, the time a job waited for the GPU while
-the job ahead of it ran
-(CONCURRENCY above 1), which its cost leaves out.  GPU work is asynchronous, so on CUDA the
+the job ahead of it ran (CONCURRENCY above 1), which its cost leaves out.  GPU work is asynchronous, so on CUDA the
 clock is read only after synchronising (`sync`), otherwise a stage's time would land in
 whichever later stage waits for the GPU.  Pure: the synchronise function is injected; no torch import here.
 """
