@@ -15,7 +15,7 @@ from qwen_edit_worker.errors import RequestError
 from qwen_edit_worker.loras.cache import LoraCache
 from qwen_edit_worker.loras.request import parse_loras, strip_query
 from qwen_edit_worker.loras.safefile import SafetensorsProblem, check_file
-from qwen_edit_worker.loras.support import adapter_problem
+from qwen_edit_worker.loras.support import adapter_problem, compile_problem
 from qwen_edit_worker.schema import FIELDS, ModelDefaults, parse_request
 from qwen_edit_worker.settings import Settings
 from qwen_edit_worker.weights.precision import PRECISIONS
@@ -163,6 +163,12 @@ class TestPrecision:
     def test_another_precision_is_an_error_naming_precision(self) -> None:
         problem = adapter_problem("int4")
         assert problem is not None and "PRECISION" in problem and "int4" in problem
+
+
+    def test_compiled_blocks_refuse_request_loras_naming_compile(self) -> None:
+        assert compile_problem("off") is None
+        problem = compile_problem("regional")
+        assert problem is not None and "COMPILE=off" in problem and "COMPILE=regional" in problem
 
 
 class TestSettings:

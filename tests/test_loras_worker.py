@@ -127,6 +127,12 @@ class TestFailures:
         assert np.array_equal(pixels(worker.handle(small_job())), before)
         assert worker.handle(job({"path": "local-style"}))["model"]["loras"][0]["layers"] == 28
 
+    def test_compile_regional_refuses_loras_before_fetching_or_loading(self, place: dict) -> None:
+        worker = Worker({**place["env"], "COMPILE": "regional"})  # WARMUP=0: nothing loads unless a job needs it
+        result = worker.handle(job({"path": f"{place['url']}/never.safetensors"}))
+        assert result["error"].startswith("input.loras: request LoRAs need COMPILE=off")
+        assert place["server"].hits["/never.safetensors"] == 0 and not worker.model.ready
+
     def test_the_second_item_is_named(self, place: dict) -> None:
         result = place["worker"].handle(job({"path": "local-style"}, {"path": "nope"}))
         assert result["error"].startswith("input.loras[1].path: no nope.safetensors in LORA_DIR")

@@ -20,7 +20,7 @@ from .cache import LoraCache
 from .fetch import Fetched, LoraFetcher
 from .request import LoraItem
 from .slots import AdapterSlots
-from .support import adapter_problem
+from .support import adapter_problem, compile_problem
 
 
 class RequestLoras:
@@ -53,7 +53,7 @@ class RequestLoras:
         """The job's LoRAs on disk and checked (held until `release`); raise RequestError."""
         if not items:
             return []
-        problem = adapter_problem(self.settings.precision)
+        problem = adapter_problem(self.settings.precision) or compile_problem(self.settings.compile)
         if problem:
             raise RequestError("input.loras", problem)
         with clock.stage("lora"):

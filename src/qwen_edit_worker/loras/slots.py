@@ -11,9 +11,7 @@ before any LoRA job (tests/test_loras_worker.py pins it).
 
 A file whose keys match no layer of this transformer loads nothing in diffusers (a warning only):
 the layers peft really created for the adapter are counted, and none is a RequestError.
-COMPILE=regional: injecting an adapter changes the compiled blocks' modules, so the first job
-after a load recompiles them (docs/benchmarks.md says what it costs); switching between loaded
-adapters does not change modules.
+COMPILE=regional is refused before a LoRA job gets here (loras/support.py says why).
 """
 
 from __future__ import annotations
