@@ -133,6 +133,19 @@ class TestFailures:
         assert result["error"].startswith("input.loras: request LoRAs need COMPILE=off")
         assert place["server"].hits["/never.safetensors"] == 0 and not worker.model.ready
 
+    def test_more_different_loras_than_slots_is_an_error_naming_lora_slots(self, place: dict) -> None:
+        worker = Worker({**place["env"], "LORA_SLOTS": "1", "LORA_CACHE_DIR": str(place["root"] / "c1")})
+        result = worker.handle(job({"path": "local-style"}, {"path": "peft"}))
+        assert result["error"] == "input.loras: 2 different LoRAs, more than this worker keeps loaded (LORA_SLOTS=1)"
+        assert worker.handle(job({"path": "local-style"}, {"path": "local-style", "scale": 0.5}))["model"]["loras"]
+
+    def test_an_unusable_cache_dir_is_an_error_naming_it(self, place: dict) -> None:
+        blocker = place["root"] / "a-file"
+        blocker.write_text("not a folder")
+        worker = Worker({**place["env"], "LORA_CACHE_DIR": str(blocker / "cache")})
+        result = worker.handle(job({"path": f"{place['url']}/one.safetensors"}))
+        assert result["error"].startswith("LORA_CACHE_DIR: cannot use ") and not worker.model.ready
+
     def test_the_second_item_is_named(self, place: dict) -> None:
         result = place["worker"].handle(job({"path": "local-style"}, {"path": "nope"}))
         assert result["error"].startswith("input.loras[1].path: no nope.safetensors in LORA_DIR")
