@@ -24,7 +24,7 @@ from ..pictures import urlfetch
 from . import hub
 from .cache import LoraCache
 from .request import LoraItem
-from .safefile import SafetensorsProblem, check_file
+from .safefile import Header, SafetensorsProblem, check_file
 
 log = logging.getLogger(__name__)
 DOWNLOAD_TIMEOUT_S = 600.0  # a whole LoRA download (2 GB at ~30 MB/s is about a minute)
@@ -94,7 +94,12 @@ class LoraFetcher:
         if found is None:
             found = self._flight(key, lambda: self._download(item))
         sha, file = found
-        return Fetched(item, sha, file, cached, check_file(file).lora_layers, release=lambda: self.cache.release(sha))
+        try:
+            layers = _check(file).lora_layers  # a cached file is checked again: disks and people change files
+        except BaseException:
+            self.cache.release(sha)
+            raise
+        return Fetched(item, sha, file, cached, layers, release=lambda: self.cache.release(sha))
 
     def _flight(self, key: str, download: Callable[[], tuple[str, Path]]) -> tuple[str, Path]:
         """Run `download` once for concurrent askers of one key; each gets the file held for it."""
@@ -137,11 +142,18 @@ class LoraFetcher:
         except hub.HubError as err:
             partial.unlink(missing_ok=True)
             raise _Failed(f"cannot fetch the LoRA from the hub: {err}") from None
+        except OSError as err:  # writing it: the cache disk is full or gone
+            partial.unlink(missing_ok=True)
+            raise _Failed(f"cannot store the LoRA in LORA_CACHE_DIR ({err.strerror or type(err).__name__})") from None
         except BaseException:
             partial.unlink(missing_ok=True)
             raise
         log.info("LoRA %s fetched (%s, %d bytes)", sha[:12], source.kind, partial.stat().st_size)
-        return sha, self.cache.add(source.key, partial, sha)
+        try:
+            return sha, self.cache.add(source.key, partial, sha)
+        except OSError as err:
+            partial.unlink(missing_ok=True)
+            raise _Failed(f"cannot store the LoRA in LORA_CACHE_DIR ({err.strerror or type(err).__name__})") from None
 
     def _local(self, item: LoraItem) -> Fetched:
         if self.lora_dir is None:
@@ -165,7 +177,7 @@ class LoraFetcher:
         return Fetched(item, sha, path, True, layers)
 
 
-def _check(path: Path) -> Any:
+def _check(path: Path) -> Header:
     try:
         header = check_file(path)
     except SafetensorsProblem as err:

@@ -113,6 +113,9 @@ class AdapterSlots:
             self._forget(name)
             raise RequestError(field, "the LoRA's keys match no layer of this model's transformer: is it a LoRA "
                                       "for Qwen-Image(-Edit)? (diffusers/PEFT and ComfyUI/Kohya key names load)")
+        if layers < item.declared_layers:
+            log.warning("LoRA %s: %d of its %d layers matched this transformer", item.sha256[:12], layers,
+                        item.declared_layers)
         self.loads += 1
         log.info("LoRA slots: loaded %s into %d layers (%d of %d slots)", item.sha256[:12], layers,
                  len(self.loaded) + 1, self.max_slots)
