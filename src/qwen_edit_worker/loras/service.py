@@ -66,11 +66,15 @@ class RequestLoras:
                 slots = self._slots[id(pipe)] = AdapterSlots(pipe, self.settings.lora_slots)
             return slots
 
-    def applied(self, pipe: Any, fetched: list[Fetched], clock: StageClock) -> AbstractContextManager[None]:
-        """Wrap the pipeline call: the job's LoRAs active inside, none after (none before a LoRA was ever used)."""
-        if not fetched and id(pipe) not in self._slots:
+    def applied(self, model: Any, fetched: list[Fetched], clock: StageClock) -> AbstractContextManager[None]:
+        """Wrap `model`'s (a LoadedModel's) pipeline call: the job's LoRAs active inside, none after.
+
+        Until a job brings LoRAs there is nothing to switch (and `model.pipe` is not touched, so a
+        benchmark's stand-in model without a pipeline runs too).
+        """
+        if not fetched and not self._slots:
             return nullcontext()
-        return self.slots(pipe).applied(fetched, clock)
+        return self.slots(model.pipe).applied(fetched, clock)
 
     def loaded_bytes(self) -> int:
         """Bytes of adapters loaded on the GPU now (the placement plan's headroom must cover them)."""

@@ -128,7 +128,7 @@ class Worker:
         pixels = editor.edit(
             pictures, prompt=request.prompt, negative_prompt=request.negative_prompt,
             true_cfg_scale=request.true_cfg_scale, steps=request.num_inference_steps, size=size, seeds=seeds,
-            clock=clock, on_step=on_step, around=self.loras.applied(editor.model.pipe, loras, clock),
+            clock=clock, on_step=on_step, around=self.loras.applied(editor.model, loras, clock),
         )
         with clock.stage("outputs"):
             images = _outputs(job_id, pixels, seeds, request, bucket, settings.max_response_bytes)
