@@ -165,10 +165,10 @@ class TestPrecision:
         assert problem is not None and "PRECISION" in problem and "int4" in problem
 
 
-    def test_compiled_blocks_refuse_request_loras_naming_compile(self) -> None:
-        assert compile_problem("off") is None
-        problem = compile_problem("regional")
-        assert problem is not None and "COMPILE=off" in problem and "COMPILE=regional" in problem
+    def test_compiled_blocks_take_loras_unless_lora_max_rank_is_zero(self) -> None:
+        assert compile_problem("off", 0) is None and compile_problem("regional", 32) is None
+        problem = compile_problem("regional", 0)
+        assert problem is not None and "LORA_MAX_RANK" in problem and "COMPILE=regional" in problem
 
 
 class TestSettings:

@@ -127,10 +127,10 @@ class TestFailures:
         assert np.array_equal(pixels(worker.handle(small_job())), before)
         assert worker.handle(job({"path": "local-style"}))["model"]["loras"][0]["layers"] == 28
 
-    def test_compile_regional_refuses_loras_before_fetching_or_loading(self, place: dict) -> None:
-        worker = Worker({**place["env"], "COMPILE": "regional"})  # WARMUP=0: nothing loads unless a job needs it
+    def test_compile_regional_without_slots_refuses_loras_before_fetching_or_loading(self, place: dict) -> None:
+        worker = Worker({**place["env"], "COMPILE": "regional", "LORA_MAX_RANK": "0"})  # WARMUP=0: nothing loads
         result = worker.handle(job({"path": f"{place['url']}/never.safetensors"}))
-        assert result["error"].startswith("input.loras: request LoRAs need COMPILE=off")
+        assert result["error"].startswith("input.loras: request LoRAs on a COMPILE=regional worker need LORA_MAX_RANK")
         assert place["server"].hits["/never.safetensors"] == 0 and not worker.model.ready
 
     def test_more_different_loras_than_slots_is_an_error_naming_lora_slots(self, place: dict) -> None:
@@ -195,6 +195,37 @@ class TestConcurrency:
         a_left = steps[2] - started  # a's third step ended about then (each step sleeps 0.3 s)
         assert a_left > 0.4 and min(b["timing"]["queue_ms"], c["timing"]["queue_ms"]) < 1000 * a_left
         assert min(b["timing"]["lora_ms"], c["timing"]["lora_ms"]) >= 300
+
+
+class TestCompiled:
+    def test_regional_compile_hot_swaps_loras_without_recompiling(self, place: dict) -> None:
+        """The one compile test (slow: two warm-ups).  Before: every new LoRA or scale recompiled, and
+        after 8 torch.compile refused the block and the job failed."""
+        from torch._dynamo.utils import counters
+
+        root = place["root"]
+        write_lora(root / "dir" / "rank8.safetensors", seed=40, rank=8)
+        env = {**place["env"], "COMPILE": "regional", "LORA_MAX_RANK": "4", "LORA_SLOTS": "2",
+               "LORA_CACHE_DIR": str(root / "compiled")}
+        worker = Worker(env)
+        before = pixels(worker.handle(small_job()))
+        graphs = counters["stats"]["unique_graphs"]
+        url = place["url"]
+        results = [worker.handle(job(*loras)) for loras in (
+            [{"path": f"{url}/one.safetensors"}], [{"path": "kohya", "scale": 0.5}],
+            [{"path": f"{url}/one.safetensors", "scale": -1.0}], [{"path": "local-style"}, {"path": "comfyui"}],
+            [{"path": f"{url}/two.safetensors"}], [{"path": f"{url}/one.safetensors"}])]
+        after = worker.handle(small_job())
+        assert counters["stats"]["unique_graphs"] == graphs  # nothing recompiled after load
+        pictures = [pixels(r) for r in results]
+        assert len({p.tobytes() for p in pictures}) == 5 and not any(np.array_equal(p, before) for p in pictures)
+        assert np.array_equal(pixels(after), before)  # exactly: adapters off again
+        plain = place["worker"].handle(job({"path": f"{url}/one.safetensors"}))
+        assert np.abs(pictures[0].astype(int) - pixels(plain).astype(int)).max() <= 2  # same LoRA, compiled
+        assert all(r["model"]["loras"][0]["layers"] == 28 for r in results)
+        too_big = worker.handle(job({"path": "rank8"}))
+        assert too_big["error"].startswith("input.loras[0].path: the LoRA's rank is 8, above LORA_MAX_RANK=4")
+        assert np.array_equal(pixels(worker.handle(small_job())), before)
 
 
 class TestPrecisions:

@@ -64,6 +64,7 @@ SETTINGS: dict[str, tuple[str, str]] = {
                            "is writable, else a folder under /tmp"),
     "LORA_CACHE_GB": ("20", "disk the LoRA cache may use; least recently used files go past it"),
     "LORA_SLOTS": ("4", "LoRAs kept loaded on the model between jobs (1 to 16), least recently used out"),
+    "LORA_MAX_RANK": ("32", "COMPILE=regional only: the rank its LoRA slots are padded to (made at load); 0: no LoRAs"),
     "HF_ENDPOINT": ("https://huggingface.co", "the Hugging Face hub that ORG/NAME LoRA paths are fetched from"),
     "HF_TOKEN": ("", "token for private or gated LoRA repos on HF_ENDPOINT (never taken from a request; never logged)"),
 }
@@ -104,6 +105,7 @@ class Settings:
     lora_cache_dir: Path
     lora_cache_bytes: int
     lora_slots: int
+    lora_max_rank: int
     hf_endpoint: str
     hf_token: str = field(repr=False)
 
@@ -155,6 +157,7 @@ class Settings:
             lora_cache_dir=_lora_cache_dir(raw("LORA_CACHE_DIR"), RUNPOD_VOLUME),
             lora_cache_bytes=_gigabytes("LORA_CACHE_GB", raw("LORA_CACHE_GB")),
             lora_slots=_int_in("LORA_SLOTS", raw("LORA_SLOTS"), 1, 16),
+            lora_max_rank=_int_in("LORA_MAX_RANK", raw("LORA_MAX_RANK"), 0, 512),
             hf_endpoint=_url("HF_ENDPOINT", raw("HF_ENDPOINT")).rstrip("/"),
             hf_token=raw("HF_TOKEN"),
         )

@@ -4,7 +4,8 @@ Why this exists: the job's story (serving/worker.py) should read as two lines: f
 LoRAs in its input stage (`fetch`, outside the GPU section, timed as `lora`), and apply them
 around the pipeline call inside it (`applied`, timed as `lora` too, off again afterwards).  This
 class holds the worker-wide parts (the disk cache, the in-flight downloads, the adapter slots of
-the loaded pipeline) built from the settings, the cache only when a first job needs it.
+the loaded pipeline: plain adapters, or under COMPILE=regional the hot-swap slots that `prepare`
+makes at load) built from the settings, the cache only when a first job needs it.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from ..errors import RequestError, SettingsError
 from ..settings import Settings
 from .cache import LoraCache
 from .fetch import Fetched, LoraFetcher
+from .hotswap import CompiledSlots
 from .request import LoraItem
 from .slots import AdapterSlots
 from .support import adapter_problem, compile_problem
@@ -31,7 +33,7 @@ class RequestLoras:
         self._timeout_s = timeout_s
         self._lock = threading.Lock()
         self._fetcher: LoraFetcher | None = None
-        self._slots: dict[int, AdapterSlots] = {}
+        self._slots: dict[int, AdapterSlots | CompiledSlots] = {}
 
     @property
     def fetcher(self) -> LoraFetcher:
@@ -53,18 +55,30 @@ class RequestLoras:
         """The job's LoRAs on disk and checked (held until `release`); raise RequestError."""
         if not items:
             return []
-        problem = adapter_problem(self.settings.precision) or compile_problem(self.settings.compile)
+        problem = adapter_problem(self.settings.precision) or compile_problem(self.settings.compile,
+                                                                              self.settings.lora_max_rank)
         if problem:
             raise RequestError("input.loras", problem)
         with clock.stage("lora"):
             return self.fetcher.fetch_all(items)
 
-    def slots(self, pipe: Any) -> AdapterSlots:
+    def slots(self, pipe: Any) -> AdapterSlots | CompiledSlots:
         with self._lock:
             slots = self._slots.get(id(pipe))
             if slots is None or slots.pipe is not pipe:
                 slots = self._slots[id(pipe)] = AdapterSlots(pipe, self.settings.lora_slots)
             return slots
+
+    def prepare(self, model: Any) -> CompiledSlots | None:
+        """At load, before the first compiled call: make a COMPILE=regional transformer's LoRA slots."""
+        s = self.settings
+        if s.compile != "regional" or s.max_loras == 0 or s.lora_max_rank == 0 \
+                or adapter_problem(s.precision) is not None:
+            return None
+        slots = CompiledSlots(model.pipe, s.lora_slots, s.lora_max_rank)
+        with self._lock:
+            self._slots[id(model.pipe)] = slots
+        return slots
 
     def applied(self, model: Any, fetched: list[Fetched], clock: StageClock) -> AbstractContextManager[None]:
         """Wrap `model`'s (a LoadedModel's) pipeline call: the job's LoRAs active inside, none after.

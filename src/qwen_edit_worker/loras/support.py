@@ -9,13 +9,10 @@ refuses only `Int4Tensor`.  So bf16, int8 (`Int8Tensor`, checked end to end on t
 adapters.  A precision not in this table (a future int4) is refused with an error naming
 PRECISION, before the job downloads anything.
 
-COMPILE=regional does not take them (measured on the tiny model, torch 2.14 on a CPU): every new
-adapter, every new scale and every new set of active adapters changes what the compiled blocks
-guard on, so the job recompiles them (a job went from 0.16 s to 22.5 s for a new LoRA and 17 s
-for a new scale), and after 8 recompilations torch.compile refuses the block (`recompile_limit`,
-with fullgraph=True a failed job).  Diffusers' hotswap (fixed, rank-padded adapter slots with
-tensor scales) could avoid that; until it is built and measured, a LoRA job under
-COMPILE=regional is an error naming COMPILE.  Pure: no torch.
+COMPILE=regional takes them through fixed, rank-padded slots made at load (loras/hotswap.py),
+unless LORA_MAX_RANK is 0 (then no slots are made, and a LoRA job is an error naming it).  The
+plain slots would recompile the compiled blocks for every new LoRA, scale or set (measured on the
+tiny model: 17-22 s a job, and torch.compile gave up after 8 recompilations).  Pure: no torch.
 """
 
 from __future__ import annotations
@@ -33,9 +30,9 @@ def adapter_problem(precision: str) -> str | None:
            f"{precision}"
 
 
-def compile_problem(compile_mode: str) -> str | None:
-    """Why jobs cannot add LoRAs under COMPILE=`compile_mode`, or None when they can."""
-    if compile_mode == "off":
+def compile_problem(compile_mode: str, max_rank: int) -> str | None:
+    """Why jobs cannot add LoRAs under COMPILE=`compile_mode` with LORA_MAX_RANK=`max_rank`, or None."""
+    if compile_mode == "off" or max_rank > 0:
         return None
-    return (f"request LoRAs need COMPILE=off; this worker runs COMPILE={compile_mode}, where each new LoRA, scale "
-            "or set would recompile the transformer blocks (seconds to minutes) until torch.compile gives up")
+    return (f"request LoRAs on a COMPILE={compile_mode} worker need LORA_MAX_RANK above 0 (its LoRA slots are made "
+            "at load); this worker has LORA_MAX_RANK=0")

@@ -71,9 +71,14 @@ class Worker:
 
         assert self.settings is not None
         editor = Editor(load_model(self.settings))
+        assert self.loras is not None
+        lora_slots = self.loras.prepare(editor.model)  # COMPILE=regional: LoRA slots before compiling
         if self.settings.compile == "regional":  # compile now, so no job pays for it
             size = WARM_UP_SIZE_TINY if self.settings.tiny_model else WARM_UP_SIZE
             editor.model.load_seconds += warm_up(editor.warm_up, size)
+            if lora_slots is not None:
+                with lora_slots.all_on():  # the adapters-on variant of the compiled blocks
+                    editor.model.load_seconds += warm_up(editor.warm_up, size)
         return editor
 
     def handle(self, job: Mapping[str, Any]) -> dict[str, Any]:
