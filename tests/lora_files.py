@@ -70,6 +70,7 @@ class Route:
 class FileServer:
     routes: dict[str, Route] = field(default_factory=dict)
     hits: Counter[str] = field(default_factory=Counter)
+    hit_at: dict[str, list[float]] = field(default_factory=dict)  # time.perf_counter() of each request
     url: str = ""
 
     def __enter__(self) -> FileServer:
@@ -81,6 +82,7 @@ class FileServer:
             def do_GET(self) -> None:  # noqa: N802
                 path = self.path.split("?", 1)[0]
                 server.hits[path] += 1
+                server.hit_at.setdefault(path, []).append(time.perf_counter())
                 route = server.routes.get(path, Route(b"missing", 404))
                 time.sleep(route.delay_s)
                 self.send_response(route.status)
