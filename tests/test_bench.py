@@ -180,7 +180,8 @@ class TestGpuSession:
         assert "cost H200: 1.00 s x 0.00155 USD/s = 0.00155 USD per image (measured)" in text
         assert "cost H100: 1.00 s x 0.00116 USD/s = 0.00116 USD per image (this run's seconds at its price)" in text
         assert "PRECISION: fastest per step fp8" in text and "COMPILE: regional saves 20% a step" in text
-        assert "9.0 GB of activations over the resident weights (2.0 MP, 4 images, int8, memory_24gb), 0.99x the derived 9.1 GB" in text
+        assert ("9.0 GB of activations over the resident weights "
+                "(2.0 MP, 4 images, int8, memory_24gb), 0.99x the derived 9.1 GB") in text
 
     @pytest.mark.timeout(900)
     def test_tiny_session_runs_every_step_then_assembles_and_reports(self, tmp_path: Path) -> None:

@@ -19,9 +19,12 @@ from PIL import Image
 
 from conftest import decode_output_image, encode_picture, small_job, tiny_env
 from qwen_edit_worker import placement
+from qwen_edit_worker.errors import RequestError
 from qwen_edit_worker.placement import GB, JobShape, reference_sizes
 from qwen_edit_worker.serving.worker import Worker
 from qwen_edit_worker.weights import precision
+
+MP = 1024 * 1024
 
 
 def editor_of(worker: Worker) -> Any:
@@ -76,6 +79,21 @@ class TestRefusedBeforeTheGpu:
         assert f"(offload=text_encoder); the largest this worker can do with 1 picture(s) is {largest:.2f} MP" in error
         assert (steps[0], prompts[0]) == (0, 0)  # refused before the text encoder or the transformer ran
         assert "refresh_worker" not in out
+
+    def test_request_lora_bytes_come_off_the_room_first(self) -> None:
+        job = JobShape(MP, (MP,), num_images=4)
+        plan = placement.plan(reference_sizes("int8", "int8"), 24 * GB, quantised=True)  # 2 images a batch at 1 MP
+        assert placement.fit_job(plan, job).batch == 2
+        transformer_bytes = placement.activations.transformer_bytes
+        per_image = transformer_bytes(job, 2, True) - transformer_bytes(job, 1, True)
+        spare = plan.rooms.text - placement.activations.TEXT_ENCODER_ACTIVATION_BYTES  # the prompt phase binds here
+        assert 0 < spare < per_image
+        assert placement.fit_job(plan, job, adapter_bytes=spare // 2).batch == 1  # a small LoRA takes the 2nd image
+        with pytest.raises(RequestError, match=r"^input.loras: the request LoRAs .* take ~0.50 GB of GPU memory, "
+                                               r"and beside the weights and this job's activations there is ~0.39 GB"):
+            placement.fit_job(plan, job, adapter_bytes=GB // 2)
+        on_48 = placement.plan(reference_sizes("int8", "int8"), 48 * GB, quantised=True)
+        assert placement.fit_job(on_48, job, adapter_bytes=GB).batch == 4  # room enough: nothing changes
 
     def test_the_same_job_runs_within_the_limit(self, worker_for: Any) -> None:
         worker = worker_for("edit-2511")

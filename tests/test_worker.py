@@ -44,7 +44,7 @@ class TestEdits:
                                               "max_megapixels": None, "batched_images": None,
                                               "reason": "no GPU: every component runs on the CPU"},
                                 "dtype": "float32", "device": "cpu",
-                                "source": "tiny", "manifest": None}
+                                "source": "tiny", "manifest": None, "loras": []}
 
     @pytest.mark.parametrize("variant", ["edit-2509", "edit-2511"])
     def test_multi_image_on_edit_plus(self, worker_for: WorkerFor, variant: str) -> None:
@@ -94,7 +94,8 @@ class TestTimingAndCost:
         worker = worker_for()
         timing = ok(worker.handle(small_job(num_inference_steps=4)))["timing"]
         stage_ms = [timing[f"{stage}_ms"] for stage in STAGES]
-        assert all(timing[f"{stage}_ms"] > 0 for stage in STAGES if stage != "queue"), timing
+        assert all(timing[f"{stage}_ms"] > 0 for stage in STAGES if stage not in ("queue", "lora")), timing
+        assert timing["lora_ms"] == 0  # no request LoRAs
         assert sum(stage_ms) + timing["load_ms"] <= timing["total_ms"]
         model_ms = sum(timing[f"{stage}_ms"] for stage in ("text_encode", "vae_encode", "denoise", "decode"))
         assert model_ms <= timing["gpu_ms"] <= timing["total_ms"] - timing["inputs_ms"]

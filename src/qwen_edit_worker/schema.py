@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import RequestError, describe
+from .loras.request import LoraItem, parse_loras
 from .weights.variants import Variant
 
 MAX_PROMPT_CHARS = 2000
@@ -21,7 +22,7 @@ OUTPUT_FORMATS = ("png", "jpeg", "webp")
 FIELDS = (
     "prompt", "image", "images", "negative_prompt", "seed", "num_inference_steps",
     "true_cfg_scale", "megapixels", "width", "height", "num_images", "output_format",
-    "output_quality",
+    "output_quality", "loras",
 )
 
 
@@ -57,6 +58,7 @@ class EditRequest:
     num_images: int
     output_format: str
     output_quality: int
+    loras: tuple[LoraItem, ...] = ()  # request-time LoRAs (loras/request.py), applied on top of Lightning
 
     def sources(self) -> list[tuple[str, str]]:
         """(source, field name for errors) per picture: input.image, or input.images[i]."""
@@ -65,7 +67,7 @@ class EditRequest:
         return [(source, f"{self.image_field}[{i}]") for i, source in enumerate(self.images)]
 
 
-def parse_request(raw: Any, variant: Variant, defaults: ModelDefaults) -> EditRequest:
+def parse_request(raw: Any, variant: Variant, defaults: ModelDefaults, max_loras: int = 3) -> EditRequest:
     """Validate a job's `input`; raise RequestError naming the first bad field."""
     if not isinstance(raw, Mapping):
         raise RequestError("input", f"must be a JSON object with a prompt and an image (got {type(raw).__name__})")
@@ -105,6 +107,7 @@ def parse_request(raw: Any, variant: Variant, defaults: ModelDefaults) -> EditRe
         num_images=_integer(raw, "num_images", 1, 1, 4),
         output_format=fmt,
         output_quality=_integer(raw, "output_quality", 95, 1, 100),
+        loras=parse_loras(raw.get("loras"), max_loras),
     )
 
 

@@ -9,6 +9,7 @@ and a bad value is a SettingsError naming the setting and what is allowed.
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -56,7 +57,20 @@ SETTINGS: dict[str, tuple[str, str]] = {
     "BUCKET_SECRET_ACCESS_KEY": ("", "the bucket's secret key (never logged)"),
     "BUCKET_NAME": ("", "bucket to upload to; empty: RunPod's default, named by month (MM-YY)"),
     "LOG_LEVEL": ("INFO", "DEBUG | INFO | WARNING | ERROR"),
+    # Request-time LoRAs (input.loras; src/qwen_edit_worker/loras/).
+    "MAX_LORAS": ("3", "most LoRAs one job may ask for (0 to 8; 0 turns input.loras off)"),
+    "LORA_MAX_BYTES": ("2000000000", "largest LoRA file fetched or read, in bytes (a download stops at the cap)"),
+    "LORA_DIR": ("", "folder of LoRAs a job may name; empty: /runpod-volume/loras when it exists, else none"),
+    "LORA_CACHE_DIR": ("", "downloaded LoRAs, by content; empty: /runpod-volume/lora-cache when /runpod-volume "
+                           "is writable, else a folder under /tmp"),
+    "LORA_CACHE_GB": ("20", "disk the LoRA cache may use; least recently used files go past it"),
+    "LORA_SLOTS": ("4", "LoRAs kept loaded on the model between jobs (1 to 16), least recently used out"),
+    "LORA_MAX_RANK": ("32", "COMPILE=regional only: the rank its LoRA slots are padded to (made at load); 0: no LoRAs"),
+    "HF_ENDPOINT": ("https://huggingface.co", "the Hugging Face hub that ORG/NAME LoRA paths are fetched from"),
+    "HF_TOKEN": ("", "token for private or gated LoRA repos on HF_ENDPOINT (never taken from a request; never logged)"),
 }
+RUNPOD_VOLUME = Path("/runpod-volume")
+MAX_MAX_LORAS = 8
 
 
 @dataclass(frozen=True)
@@ -86,6 +100,15 @@ class Settings:
     bucket_secret_access_key: str = field(repr=False)
     bucket_name: str
     log_level: str
+    max_loras: int
+    lora_max_bytes: int
+    lora_dir: Path | None  # None: no LORA_DIR (a local name in input.loras is then an error)
+    lora_cache_dir: Path
+    lora_cache_bytes: int
+    lora_slots: int
+    lora_max_rank: int
+    hf_endpoint: str
+    hf_token: str = field(repr=False)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -129,6 +152,15 @@ class Settings:
             bucket_secret_access_key=raw("BUCKET_SECRET_ACCESS_KEY"),
             bucket_name=raw("BUCKET_NAME"),
             log_level=_choice("LOG_LEVEL", raw("LOG_LEVEL").upper(), LOG_LEVELS),
+            max_loras=_int_in("MAX_LORAS", raw("MAX_LORAS"), 0, MAX_MAX_LORAS),
+            lora_max_bytes=_positive_int("LORA_MAX_BYTES", raw("LORA_MAX_BYTES")),
+            lora_dir=_lora_dir(raw("LORA_DIR"), RUNPOD_VOLUME),
+            lora_cache_dir=_lora_cache_dir(raw("LORA_CACHE_DIR"), RUNPOD_VOLUME),
+            lora_cache_bytes=_gigabytes("LORA_CACHE_GB", raw("LORA_CACHE_GB")),
+            lora_slots=_int_in("LORA_SLOTS", raw("LORA_SLOTS"), 1, 16),
+            lora_max_rank=_int_in("LORA_MAX_RANK", raw("LORA_MAX_RANK"), 0, 512),
+            hf_endpoint=_url("HF_ENDPOINT", raw("HF_ENDPOINT")).rstrip("/"),
+            hf_token=raw("HF_TOKEN"),
         )
 
     @property
@@ -139,7 +171,8 @@ class Settings:
         """The settings as plain values for the startup log, keys and secrets left out."""
         out: dict[str, object] = {}
         for f in fields(self):
-            if f.name.startswith("bucket_") and f.name not in ("bucket_endpoint_url", "bucket_name"):
+            if (f.name.startswith("bucket_") and f.name not in ("bucket_endpoint_url", "bucket_name")) \
+                    or f.name == "hf_token":
                 out[f.name] = "(set)" if getattr(self, f.name) else "(empty)"
                 continue
             value = getattr(self, f.name)
@@ -200,3 +233,30 @@ def _positive_int(name: str, value: str) -> int:
     if number <= 0:
         raise SettingsError(name, f"must be a positive whole number (got {value!r})")
     return number
+
+
+def _gigabytes(name: str, value: str) -> int:
+    try:
+        number = float(value)
+    except ValueError:
+        number = 0.0
+    if not 0 < number < 1e6:
+        raise SettingsError(name, f"must be a positive number of gigabytes (got {value!r})")
+    return int(number * 1e9)
+
+
+def _lora_dir(value: str, volume: Path) -> Path | None:
+    """LORA_DIR as given; empty: <volume>/loras when that folder exists (a network volume), else none."""
+    if value:
+        return Path(value)
+    default = volume / "loras"
+    return default if default.is_dir() else None
+
+
+def _lora_cache_dir(value: str, volume: Path) -> Path:
+    """LORA_CACHE_DIR as given; empty: on the network volume when it is writable (survives workers), else /tmp."""
+    if value:
+        return Path(value)
+    if volume.is_dir() and os.access(volume, os.W_OK):
+        return volume / "lora-cache"
+    return Path(tempfile.gettempdir()) / "qwen-edit-lora-cache"

@@ -7,7 +7,8 @@ global addresses (no loopback, private, link-local, metadata, multicast, reserve
 address, IPv4 or IPv6, IPv4-mapped forms unwrapped), and the connection goes to the address that
 was checked, so a DNS answer cannot change between the check and the connect.  Redirects are
 followed by hand (at most MAX_REDIRECTS), each re-checked.  Reading stops at the byte cap and at
-the total deadline.  Errors name the host and the reason, never the body.
+the total deadline.  Errors name the host and the reason, never the body.  `fetch` returns the
+bytes (pictures); `fetch_to_file` streams them into an open file (LoRAs, up to gigabytes).
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ from __future__ import annotations
 import ipaddress
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import BinaryIO
 from urllib.parse import urljoin, urlsplit
 
 import certifi
@@ -37,6 +40,10 @@ class FetchError(Exception):
 class FetchPolicy:
     max_bytes: int
     allow_loopback: bool = False  # a test aid: lets a server on 127.0.0.1 play the remote host
+    limit_setting: str = "MAX_INPUT_BYTES"  # named in the over-the-cap error
+    what: str = "picture"
+    total_timeout_s: float = TOTAL_TIMEOUT_S
+    accept: str = "image/*"
 
 
 def address_problem(address: Address, allow_loopback: bool = False) -> str | None:
@@ -57,7 +64,18 @@ def address_problem(address: Address, allow_loopback: bool = False) -> str | Non
 
 def fetch(url: str, policy: FetchPolicy) -> bytes:
     """GET `url` following up to MAX_REDIRECTS checked redirects; return at most policy.max_bytes."""
-    deadline = time.monotonic() + TOTAL_TIMEOUT_S
+    chunks: list[bytes] = []
+    _get(url, policy, chunks.append)
+    return b"".join(chunks)
+
+
+def fetch_to_file(url: str, policy: FetchPolicy, out: BinaryIO) -> int:
+    """GET `url` like `fetch`, writing the body to `out` as it arrives; return the bytes written."""
+    return _get(url, policy, out.write)
+
+
+def _get(url: str, policy: FetchPolicy, sink: Callable[[bytes], object]) -> int:
+    deadline = time.monotonic() + policy.total_timeout_s
     for _ in range(MAX_REDIRECTS + 1):
         parts = urlsplit(url)
         host = parts.hostname or ""
@@ -65,7 +83,7 @@ def fetch(url: str, policy: FetchPolicy) -> bytes:
             raise FetchError(f"{host or url[:40]}: only http and https URLs with a host are allowed")
         port = parts.port or (443 if parts.scheme == "https" else 80)
         address = _checked_address(host, port, policy.allow_loopback)
-        response = _connect(parts.scheme, host, port, address, parts, deadline)
+        response = _connect(parts.scheme, host, port, address, parts, deadline, policy.accept)
         try:
             if response.status in (301, 302, 303, 307, 308):
                 location = response.headers.get("Location")
@@ -75,7 +93,7 @@ def fetch(url: str, policy: FetchPolicy) -> bytes:
                 continue
             if response.status != 200:
                 raise FetchError(f"{host}: HTTP {response.status}")
-            return _read_capped(response, host, policy.max_bytes, deadline)
+            return _read_capped(response, host, policy, deadline, sink)
         finally:
             response.release_conn()
     raise FetchError(f"{host}: more than {MAX_REDIRECTS} redirects")
@@ -94,8 +112,8 @@ def _checked_address(host: str, port: int, allow_loopback: bool) -> Address:
     return addresses[0]
 
 
-def _connect(scheme: str, host: str, port: int, address: Address, parts: object, deadline: float
-             ) -> urllib3.BaseHTTPResponse:
+def _connect(scheme: str, host: str, port: int, address: Address, parts: object, deadline: float,
+             accept: str = "image/*") -> urllib3.BaseHTTPResponse:
     remaining = max(0.1, deadline - time.monotonic())
     timeout = urllib3.Timeout(connect=min(CONNECT_TIMEOUT_S, remaining), read=remaining)
     target = str(address)
@@ -107,7 +125,7 @@ def _connect(scheme: str, host: str, port: int, address: Address, parts: object,
         pool = urllib3.HTTPConnectionPool(target, port, timeout=timeout, retries=False)
     path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")  # type: ignore[attr-defined]
     default_port = (scheme == "https" and port == 443) or (scheme == "http" and port == 80)
-    headers = {"Host": host if default_port else f"{host}:{port}", "User-Agent": USER_AGENT, "Accept": "image/*"}
+    headers = {"Host": host if default_port else f"{host}:{port}", "User-Agent": USER_AGENT, "Accept": accept}
     try:
         return pool.urlopen("GET", path, headers=headers, redirect=False, preload_content=False,
                             assert_same_host=False)
@@ -116,20 +134,24 @@ def _connect(scheme: str, host: str, port: int, address: Address, parts: object,
         raise FetchError(f"{host}: connection failed ({reason})") from None
 
 
-def _read_capped(response: urllib3.BaseHTTPResponse, host: str, max_bytes: int, deadline: float) -> bytes:
+def _read_capped(response: urllib3.BaseHTTPResponse, host: str, policy: FetchPolicy, deadline: float,
+                 sink: Callable[[bytes], object]) -> int:
+    max_bytes, what, setting = policy.max_bytes, policy.what, policy.limit_setting
     declared = response.headers.get("Content-Length")
     if declared and declared.isdigit() and int(declared) > max_bytes:
-        raise FetchError(f"{host}: the picture is {int(declared):,} bytes, over the {max_bytes:,}-byte limit "
-                         "(MAX_INPUT_BYTES)")
-    chunks, size = [], 0
+        raise FetchError(f"{host}: the {what} is {int(declared):,} bytes, over the {max_bytes:,}-byte limit "
+                         f"({setting})")
+    size = 0
     try:
         for chunk in response.stream(CHUNK):
             size += len(chunk)
             if size > max_bytes:
-                raise FetchError(f"{host}: the picture is over the {max_bytes:,}-byte limit (MAX_INPUT_BYTES)")
+                raise FetchError(f"{host}: the {what} is over the {max_bytes:,}-byte limit ({setting})")
             if time.monotonic() > deadline:
-                raise FetchError(f"{host}: the download took longer than {TOTAL_TIMEOUT_S:.0f} s")
-            chunks.append(chunk)
+                raise FetchError(f"{host}: the download took longer than {policy.total_timeout_s:.0f} s")
+            sink(chunk)
     except urllib3.exceptions.HTTPError as err:
         raise FetchError(f"{host}: the download broke off ({type(err).__name__})") from None
-    return b"".join(chunks)
+    if declared and declared.isdigit() and size < int(declared):
+        raise FetchError(f"{host}: the download broke off after {size:,} of {int(declared):,} bytes")
+    return size

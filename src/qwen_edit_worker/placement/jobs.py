@@ -16,11 +16,12 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from ..errors import RequestError
 from ..weights.variants import Variant
+from . import activations
 from .activations import GB, MEGAPIXEL, JobShape, transformer_bytes
 from .planner import Plan
 
@@ -42,8 +43,24 @@ def job_shape(output_size: tuple[int, int], picture_sizes: Sequence[tuple[int, i
                     prompt_chars=len(prompt.encode()), edit_plus=edit_plus, num_images=num_images)
 
 
-def fit_job(plan: Plan, job: JobShape) -> JobFit:
-    """The batching for `job` under `plan`; RequestError (input.megapixels) when not one image fits."""
+def fit_job(plan: Plan, job: JobShape, adapter_bytes: int = 0) -> JobFit:
+    """The batching for `job` under `plan`; RequestError (input.megapixels) when not one image fits.
+
+    `adapter_bytes` (the job's request LoRAs and those left loaded, loras/service.py) sit on the
+    GPU beside the weights for the whole job, so they come off every phase's room first.
+    """
+    if adapter_bytes and plan.rooms is not None:
+        rooms = plan.rooms
+        without = plan.batch_for(job)
+        plan = replace(plan, rooms=replace(rooms, text=rooms.text - adapter_bytes,
+                                           denoise=rooms.denoise - adapter_bytes, decode=rooms.decode - adapter_bytes))
+        if without >= 1 and plan.batch_for(job) < 1:  # the job alone fits: the LoRAs are what does not
+            spare = min(rooms.text - activations.TEXT_ENCODER_ACTIVATION_BYTES,
+                        rooms.denoise - transformer_bytes(job, 1, plan.quantised))
+            raise RequestError("input.loras", (
+                f"the request LoRAs (with those this worker keeps loaded) take ~{adapter_bytes / GB:.2f} GB of GPU "
+                f"memory, and beside the weights and this job's activations there is ~{max(spare, 0) / GB:.2f} GB "
+                f"(offload={plan.offload}): use fewer or lower-rank LoRAs, a smaller job, or a larger GPU class"))
     batch = plan.batch_for(job)
     if batch >= 1:
         return JobFit(batch, math.ceil(job.num_images / batch))
@@ -53,17 +70,18 @@ def fit_job(plan: Plan, job: JobShape) -> JobFit:
     asked, needed = job.output_pixels / MEGAPIXEL, transformer_bytes(job, 1, plan.quantised) / GB
     raise RequestError("input.megapixels", (
         f"a {asked:.2f} MP output from {pictures} picture(s) needs ~{needed:.1f} GB of GPU memory "
-        f"for one image and this worker has {max(room, 0) / GB:.1f} GB beside its weights "
+        f"for one image and this worker has {max(room, 0) / GB:.1f} GB beside its weights"
+        f"{f' and request LoRAs ({adapter_bytes / GB:.1f} GB)' if adapter_bytes else ''} "
         f"(offload={plan.offload}); the largest this worker can do with {pictures} picture(s) is {largest:.2f} MP: "
         "ask for a smaller megapixels (or width and height), or deploy on a larger GPU class"))
 
 
 def fit_request(plan: Plan, output_size: tuple[int, int], pictures: Sequence[Any], request: Any,
-                variant: Variant) -> JobFit:
+                variant: Variant, adapter_bytes: int = 0) -> JobFit:
     """`fit_job` for a parsed request and its loaded pictures (PIL images at their working sizes)."""
     job = job_shape(output_size, [p.size for p in pictures], request.prompt, request.num_images,
                     variant.pipeline_class != "QwenImageEditPipeline")
-    fit = fit_job(plan, job)
+    fit = fit_job(plan, job, adapter_bytes)
     if fit.batches > 1:
         log.info("job runs as %d batches of up to %d image(s): %d at once do not fit beside the weights",
                  fit.batches, fit.batch, job.num_images)

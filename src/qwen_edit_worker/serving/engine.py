@@ -20,7 +20,7 @@ from __future__ import annotations
 import functools
 import sys
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
 import numpy as np
@@ -54,12 +54,14 @@ class Editor:
 
     def edit(self, pictures: list[Image.Image], *, prompt: str, negative_prompt: str, true_cfg_scale: float,
              steps: int, size: tuple[int, int], seeds: list[int], clock: StageClock,
-             on_step: Callable[[int, int], None] | None = None, batch: int | None = None) -> np.ndarray:
+             on_step: Callable[[int, int], None] | None = None, batch: int | None = None,
+             around: AbstractContextManager[None] | None = None) -> np.ndarray:
         """Edit `pictures`; return (len(seeds), H, W, 3) uint8 pixels.
 
         `batch` images at most go through the pipeline at once (placement/jobs.py sizes it to the GPU
         memory left); more run as several calls, the prompt encoded once.  Each image has its own
-        generator, so its pixels do not depend on how the job was split.
+        generator, so its pixels do not depend on how the job was split.  `around` wraps the pipeline
+        calls inside the GPU section (the job's request LoRAs, loras/service.py).
         """
         width, height = size
         generators = [torch.Generator(device="cpu").manual_seed(seed) for seed in seeds]
@@ -97,7 +99,8 @@ class Editor:
         def run() -> Any:
             nonlocal done_before
             images = []
-            with self._bound(clock), working_area(self.model.pipe, width * height), encoded_once(self.model.pipe):
+            with (around or nullcontext(), self._bound(clock), working_area(self.model.pipe, width * height),
+                  encoded_once(self.model.pipe)):
                 for chunk in chunks:
                     images.append(call(chunk))
                     done_before += steps

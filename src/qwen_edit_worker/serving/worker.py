@@ -19,6 +19,7 @@ from .. import placement
 from ..accounting.cost import job_cost
 from ..accounting.timing import StageClock, billed_seconds, timing_report
 from ..errors import SettingsError, WorkerError
+from ..loras.service import RequestLoras
 from ..pictures import images_in, images_out, sizing, uploads
 from ..schema import MAX_SEED, EditRequest, ModelDefaults, parse_request
 from ..settings import Settings
@@ -44,6 +45,7 @@ class Worker:
             log.error("bad setting, every job will fail until it is fixed: %s", err)
             self.settings_error = err
         self.model: LazyLoad[Any] = LazyLoad(self._load)
+        self.loras = RequestLoras(self.settings) if self.settings is not None else None
         s = self.settings
         self.bucket = uploads.Bucket(s.bucket_endpoint_url, s.bucket_access_key_id, s.bucket_secret_access_key,
                                      s.bucket_name) if s is not None and s.bucket_configured else None
@@ -70,9 +72,14 @@ class Worker:
 
         assert self.settings is not None
         editor = Editor(load_model(self.settings))
+        assert self.loras is not None
+        lora_slots = self.loras.prepare(editor.model)  # COMPILE=regional: LoRA slots before compiling
         if self.settings.compile == "regional":  # compile now, so no job pays for it
             size = WARM_UP_SIZE_TINY if self.settings.tiny_model else WARM_UP_SIZE
             editor.model.load_seconds += warm_up(editor.warm_up, size)
+            if lora_slots is not None:
+                with lora_slots.all_on():  # the adapters-on variant of the compiled blocks
+                    editor.model.load_seconds += warm_up(editor.warm_up, size)
         return editor
 
     def handle(self, job: Mapping[str, Any]) -> dict[str, Any]:
@@ -96,18 +103,29 @@ class Worker:
         settings = self.settings
         clock = StageClock()
         defaults = ModelDefaults.for_model(settings.variant, settings.lightning)
-        request = parse_request(job.get("input"), settings.variant, defaults)
+        request = parse_request(job.get("input"), settings.variant, defaults, settings.max_loras)
         bucket = uploads.job_bucket(job, self.bucket)
         limits = images_in.InputLimits(settings.max_input_bytes, settings.max_input_pixels,
                                        settings.allow_loopback_urls)
         with clock.stage("inputs"):
             area = sizing.working_area(request.size, request.megapixels)
             pictures = [images_in.load_image(source, field, limits, area) for source, field in request.sources()]
+        assert self.loras is not None
+        loras = self.loras.fetch(request.loras, clock)  # before the GPU: the next job's LoRA downloads meanwhile
+        try:
+            return self._edit(job, job_id, request, pictures, loras, bucket, clock)
+        finally:
+            self.loras.release(loras)
 
+    def _edit(self, job: Mapping[str, Any], job_id: str, request: EditRequest, pictures: list[Any], loras: list[Any],
+              bucket: uploads.Bucket | None, clock: StageClock) -> dict[str, Any]:
+        assert self.settings is not None and self.loras is not None
+        settings = self.settings
         editor, cold, waited = self.model.get()
         clock.set_sync(editor.sync)
         size, warnings = _plan(request, pictures[-1].size, settings.lightning)
-        fit = placement.fit_request(editor.model.placement, size, pictures, request, settings.variant)  # or refuse
+        fit = placement.fit_request(editor.model.placement, size, pictures, request, settings.variant,
+                                    self.loras.gpu_bytes(loras) if loras else 0)  # or refuse
         seed = request.seed if request.seed is not None else secrets.randbelow(MAX_SEED + 1)
         seeds = [(seed + i) % (MAX_SEED + 1) for i in range(request.num_images)]
 
@@ -118,7 +136,7 @@ class Worker:
         pixels = editor.edit(
             pictures, prompt=request.prompt, negative_prompt=request.negative_prompt,
             true_cfg_scale=request.true_cfg_scale, steps=request.num_inference_steps, size=size, seeds=seeds,
-            clock=clock, on_step=on_step, batch=fit.batch,
+            clock=clock, on_step=on_step, batch=fit.batch, around=self.loras.applied(editor.model, loras, clock),
         )
         with clock.stage("outputs"):
             images = _outputs(job_id, pixels, seeds, request, bucket, settings.max_response_bytes)
@@ -127,13 +145,14 @@ class Worker:
         cost = job_cost(billed_seconds(clock), len(images), model.gpu_name, settings.gpu_price_per_second)
         log.info(
             "job %s done: %d image(s) %dx%d from %d input(s), %d steps, cfg %.1f, seed %d, cold=%s, "
-            "stages ms: %s, total %.0f ms, cost %s", job_id, len(images), size[0], size[1], len(pictures),
+            "stages ms: %s, total %.0f ms, cost %s, loras %d%s", job_id, len(images), size[0], size[1], len(pictures),
             request.num_inference_steps, request.true_cfg_scale, seed, cold,
             " ".join(f"{k.removesuffix('_ms')}={v}" for k, v in timing.items() if k.endswith("_ms")),
             timing["total_ms"], "unknown" if cost["usd"] is None else f"${cost['usd']:.5f}",
+            len(loras), "".join(f" {item.sha256[:12]}" for item in loras),  # sha256s only: URLs may be signed
         )
-        return {"images": images, "seed": seed, "timing": timing, "cost": cost,
-                "model": model.info(request.num_inference_steps), "warnings": warnings}
+        info = {**model.info(request.num_inference_steps), "loras": self.loras.report(loras)}
+        return {"images": images, "seed": seed, "timing": timing, "cost": cost, "model": info, "warnings": warnings}
 
     def _out_of_memory(self, job_id: str) -> dict[str, Any]:
         import gc
