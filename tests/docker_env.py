@@ -200,23 +200,24 @@ def build(daemon: Daemon, tag: str, context: Path, log: Path, build_args: dict[s
     return time.monotonic() - started
 
 
-def stream_contains(daemon: Daemon, needle: bytes, *images: str) -> bool:
-    """Whether `needle` occurs anywhere in `docker save` of the images (every layer's files, the configs)."""
+def found_in_save(daemon: Daemon, needles: Iterable[bytes], *images: str) -> set[bytes]:
+    """Which `needles` occur anywhere in `docker save` of the images (every layer's files, the configs);
+    one pass over the stream (about a minute for 6.6 GB), nothing written to disk."""
+    wanted = set(needles)
+    overlap = max(map(len, wanted)) if wanted else 0
     process = subprocess.Popen([DOCKER, "save", *images], env=daemon.env, stdout=subprocess.PIPE)
     assert process.stdout is not None
-    found, tail, total = False, b"", 0
+    found: set[bytes] = set()
+    tail, total = b"", 0
     try:
-        while chunk := process.stdout.read(8 * 1024 * 1024):
+        while chunk := process.stdout.read(16 * 1024 * 1024):
             total += len(chunk)
-            if needle in tail + chunk:
-                found = True
-                break
-            tail = chunk[-len(needle):]
+            window = tail + chunk
+            found |= {needle for needle in wanted - found if needle in window}
+            tail = chunk[-overlap:]
     finally:
         process.stdout.close()
-        if found:
-            process.kill()
         code = process.wait(timeout=600)
-    if not found and (code != 0 or total == 0):
+    if code != 0 or total == 0:
         raise RuntimeError(f"docker save {' '.join(images)} failed (exit {code}, {total} bytes read)")
     return found
