@@ -109,7 +109,15 @@ class Daemon:
             _end_group(self.process.pid, self.process.wait)
             (self.data_root / ".test-dockerd.pid").unlink(missing_ok=True)
             self.process = None
+        for mount_point in _mounts_under(self.run_dir):  # dockerd leaves its netns bind mount behind
+            subprocess.run(["umount", "-l", mount_point], capture_output=True, timeout=60)
         shutil.rmtree(self.run_dir, ignore_errors=True)
+
+
+def _mounts_under(folder: Path) -> list[str]:
+    lines = Path("/proc/self/mounts").read_text().splitlines()
+    points = [line.split()[1] for line in lines if len(line.split()) > 1]
+    return sorted((p for p in points if p.startswith(f"{folder}/")), reverse=True)
 
 
 def _end_group(pid: int, wait: object) -> None:
