@@ -56,7 +56,7 @@ RUN pip install --extra-index-url "${TORCH_INDEX_URL}" -r /builder/requirements.
 # the whole package first: a change to it re-runs the bake (download included), which is right since
 # the stored weights depend on it; a change anywhere else in the worker keeps the weights layer.
 # tests/test_bake.py pins that the subpackage imports nothing else of the worker.
-COPY builder/bake.py /builder/bake.py
+COPY builder/bake.py builder/verify.py /builder/
 COPY src/qwen_edit_worker/weights/ /builder/qwen_edit_worker/weights/
 ARG FUSE_LIGHTNING=0
 ARG PRECISION=bf16

@@ -42,13 +42,13 @@ import fnmatch
 import json
 import logging
 import os
-import re
 import shutil
-import struct
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from verify import BakeError, verify, verify_lora, verify_weights  # builder/verify.py, beside this script
 
 # In a checkout or install the package is importable; in the image's build stage only the
 # qwen_edit_worker.weights subpackage is copied to /builder/qwen_edit_worker/weights/, beside this
@@ -59,17 +59,7 @@ from qwen_edit_worker.weights.variants import VARIANTS, Variant
 log = logging.getLogger("bake")
 WEIGHT_FORMATS_SKIPPED = (".bin", ".pt", ".pth", ".ckpt", ".onnx", ".msgpack", ".h5", ".gguf", ".pb")
 SKIPPED = ("*.md", "*.png", "*.jpg", "*.jpeg", "*.gif", "*.webp", ".gitattributes", "*.mp4")
-LORA_KEY = re.compile(
-    r"^(diffusion_model\.|transformer\.)?transformer_blocks\.\d+\.[\w.]+\.(lora_down\.weight|lora_up\.weight|alpha"
-    r"|lora_A\.weight|lora_B\.weight)$"
-)
 FREE_SPACE_MARGIN = 512 * 1024**2
-
-
-class BakeError(Exception):
-    def __init__(self, code: int, message: str) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 def select_files(files: dict[str, int], model_index: dict[str, Any],
@@ -99,62 +89,6 @@ def _used_weights(component: str, weights: list[str], files: dict[str, int],
         return [f"{component}/{shard}" for shard in sorted(set(shard_maps[index_path].values()))]
     plain = [p for p in weights if p.rsplit("/", 1)[1].count(".") == 1]
     return plain or weights
-
-
-def safetensors_problem(path: Path) -> str | None:
-    """Why a safetensors file is unreadable or truncated, or None when its header and size agree."""
-    try:
-        with path.open("rb") as handle:
-            (length,) = struct.unpack("<Q", handle.read(8))
-            if length > 100 * 1024**2:
-                return "header length is implausible"
-            header = json.loads(handle.read(length))
-        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
-    except (OSError, struct.error, ValueError, KeyError, TypeError) as err:
-        return f"unreadable header ({type(err).__name__})"
-    size = path.stat().st_size
-    if size != 8 + length + end:
-        return f"size {size} does not match its header ({8 + length + end} bytes expected): truncated or damaged"
-    return None
-
-
-def lora_keys(path: Path) -> list[str]:
-    with path.open("rb") as handle:
-        (length,) = struct.unpack("<Q", handle.read(8))
-        return [k for k in json.loads(handle.read(length)) if k != "__metadata__"]
-
-
-def verify_weights(folder: Path) -> None:
-    """Raise BakeError(6) unless every safetensors file in `folder` is whole."""
-    for path in sorted(folder.rglob("*.safetensors")):
-        problem = safetensors_problem(path)
-        if problem:
-            raise BakeError(6, f"{path.relative_to(folder)}: {problem}")
-
-
-def verify(folder: Path, lora: Path) -> None:
-    """Raise BakeError(6) unless every weight file is whole, the LoRA is a LoRA and the pipeline complete."""
-    verify_weights(folder)
-    verify_lora(lora)
-    index = json.loads((folder / "model_index.json").read_text())
-    for name, spec in index.items():
-        if name.startswith("_") or not isinstance(spec, list) or spec[0] is None:
-            continue
-        part = folder / name
-        if not part.is_dir() or not any(part.glob("*.json")):
-            raise BakeError(6, f"model_index.json names {name!r} but {name}/ has no configuration")
-
-
-def verify_lora(lora: Path) -> None:
-    """Raise BakeError(6) unless `lora` is a whole transformer LoRA in the expected key form."""
-    problem = safetensors_problem(lora)
-    if problem:
-        raise BakeError(6, f"{lora.name}: {problem}")
-    keys = lora_keys(lora)
-    bad = [k for k in keys if not LORA_KEY.match(k)]
-    if not keys or bad or not any(k.endswith(("lora_down.weight", "lora_A.weight")) for k in keys):
-        raise BakeError(6, f"{lora.name} is not a transformer LoRA in the expected key form "
-                           f"(transformer_blocks.N.<module>.lora_down/lora_up/alpha); unexpected: {bad[:3]}")
 
 
 def bake(variant: Variant, dest: Path, model_revision: str, lora_revision: str, token: str | None,
