@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import subprocess
 import time
 import uuid
 from collections.abc import Iterator
@@ -97,6 +98,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Built]:
         finally:
             daemon.docker("image", "rm", "-f", full, slim, check=False)
             daemon.docker("image", "prune", "-f", check=False)  # earlier runs' untagged leftovers
+            daemon.docker("builder", "prune", "-f", "--keep-storage", "20gb", check=False)  # the cache, bounded
 
 
 def tiny_model_files(folder: Path) -> dict[str, bytes]:
@@ -132,6 +134,16 @@ def container(built: Built, image: str, queue: FakeQueue, *options: str) -> Iter
     built.daemon.docker("run", "-d", "--name", name, "--network", "host", *env, *options, image)
     try:
         yield name
+    finally:
+        built.daemon.docker("rm", "-f", name, check=False)
+
+
+def run_once(built: Built, *argv: str) -> subprocess.CompletedProcess[bytes]:
+    """`docker run --rm` without a network; removed by name even when the client is timed out."""
+    name = f"qwen-edit-test-{uuid.uuid4().hex[:10]}"
+    try:
+        return built.daemon.docker("run", "--rm", "--name", name, "--network", "none", *argv, check=False,
+                                   timeout=JOB_TIMEOUT)
     finally:
         built.daemon.docker("rm", "-f", name, check=False)
 
@@ -175,13 +187,12 @@ class TestBakedImage:
 
     def test_handler_test_input_inside_the_container(self, built: Built) -> None:
         job = json.dumps({"input": {**TESTS[0]["input"]}})
-        run = built.daemon.docker("run", "--rm", "--network", "none", built.full, "python", "handler.py",
-                                  "--test_input", job, check=False, timeout=JOB_TIMEOUT)
+        run = run_once(built, built.full, "python", "handler.py", "--test_input", job)
         text = run.stdout.decode(errors="replace")
         assert run.returncode == 0, text[-4000:]
+        assert f"{VARIANT.repo}@{MODEL_COMMIT[:12]}" in text  # the printed result names the baked model
         bad = json.dumps({"input": {**TESTS[0]["input"], "num_images": 9}})
-        run = built.daemon.docker("run", "--rm", "--network", "none", built.full, "python", "handler.py",
-                                  "--test_input", bad, check=False, timeout=JOB_TIMEOUT)
+        run = run_once(built, built.full, "python", "handler.py", "--test_input", bad)
         assert run.returncode != 0 and "input.num_images" in run.stdout.decode(errors="replace")
 
     def test_the_token_is_in_no_layer_nor_image_setting(self, built: Built) -> None:
@@ -196,8 +207,7 @@ class TestBakedImage:
 
 class TestSlimImage:
     def test_bakes_only_the_lightning_lora_and_a_manifest(self, built: Built) -> None:
-        found = built.daemon.docker("run", "--rm", "--network", "none", "--entrypoint", "find", built.slim,
-                                    "/models", "-type", "f").stdout.decode().split()
+        found = run_once(built, "--entrypoint", "find", built.slim, "/models", "-type", "f").stdout.decode().split()
         assert sorted(found) == [f"/models/{VARIANT.name}/lightning/{VARIANT.lora_basename}",
                                  f"/models/{VARIANT.name}/manifest.json"]
 
