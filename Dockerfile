@@ -19,7 +19,7 @@
 # cannot be made without an Ada/Hopper GPU at build time (the bake stops with exit 2): bake bf16
 # and set PRECISION=fp8 at run time instead.  The run-time settings default to what was baked.
 # The base carries no CUDA libraries of its own: torch's nvidia-* wheels bring cuBLAS, cuDNN, NCCL and the
-# rest (3.2 GB measured in the built image), so a cudnn-runtime base would carry them twice; see the size
+# rest (3.36 GB measured in the built image), so a cudnn-runtime base would carry them twice; see the size
 # budget in docs/deploy.md.  RunPod's container runtime injects the driver (NVIDIA_* below ask for it).
 ARG CUDA_IMAGE=nvidia/cuda:12.8.1-base-ubuntu24.04
 FROM ${CUDA_IMAGE}
