@@ -1,9 +1,15 @@
-# syntax=docker/dockerfile:1.7
 # Qwen-Image-Edit + Lightning LoRA as a RunPod serverless worker, with the model baked in.
 #
 #   docker build --platform linux/amd64 --build-arg MODEL_VARIANT=edit-2511 \
 #     [--build-arg FUSE_LIGHTNING=1 --build-arg PRECISION=int8 --build-arg TEXT_ENCODER_PRECISION=int8] \
 #     --secret id=hf_token,env=HF_TOKEN -t <you>/qwen-image-edit:2511 .
+#
+# The slim image (--build-arg BAKE_MODEL=0) bakes only the Lightning LoRA and a manifest; the base model
+# comes from RunPod's cached models (set the endpoint's Model field to the variant's repo, e.g.
+# Qwen/Qwen-Image-Edit-2511); the worker finds it under /runpod-volume/huggingface-cache/hub/ on its own.
+# No `# syntax=` line: Docker's built-in Dockerfile frontend (BuildKit) handles the secret mount, and
+# no frontend image has to be pulled.  HF_ENDPOINT points the bake at a mirror (the tests: a loopback
+# hub with a tiny model); TORCH_CUDA is the CUDA major torch must be built for (the build stops otherwise).
 #
 # Layers, slowest-changing first: system Python, pinned libraries, the baked model (tens of GB),
 # then the worker code, so a code change never re-downloads the weights.
@@ -12,7 +18,10 @@
 # Both run on the build machine's CPU and hold the transformer in RAM (~41 GB for the fuse).  fp8
 # cannot be made without an Ada/Hopper GPU at build time (the bake stops with exit 2): bake bf16
 # and set PRECISION=fp8 at run time instead.  The run-time settings default to what was baked.
-ARG CUDA_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
+# The base carries no CUDA libraries of its own: torch's nvidia-* wheels bring cuBLAS, cuDNN, NCCL and the
+# rest (3.36 GB measured in the built image), so a cudnn-runtime base would carry them twice; see the size
+# budget in docs/deploy.md.  RunPod's container runtime injects the driver (NVIDIA_* below ask for it).
+ARG CUDA_IMAGE=nvidia/cuda:12.8.1-base-ubuntu24.04
 FROM ${CUDA_IMAGE}
 
 ARG MODEL_VARIANT=edit-2511
@@ -20,6 +29,7 @@ ARG MODEL_REVISION=main
 ARG LORA_REVISION=main
 # PyPI's torch 2.14.1 is built for CUDA 13; this index has the CUDA 12.8 build of the same release.
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
+ARG TORCH_CUDA=12
 
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 ENV DEBIAN_FRONTEND=noninteractive \
@@ -27,7 +37,9 @@ ENV DEBIAN_FRONTEND=noninteractive \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONUNBUFFERED=1 \
     VIRTUAL_ENV=/opt/venv \
-    PATH=/opt/venv/bin:$PATH
+    PATH=/opt/venv/bin:$PATH \
+    NVIDIA_VISIBLE_DEVICES=all \
+    NVIDIA_DRIVER_CAPABILITIES=compute,utility
 
 # hadolint ignore=DL3008
 RUN apt-get update \
@@ -37,22 +49,27 @@ RUN apt-get update \
 
 COPY builder/requirements.txt /builder/requirements.txt
 RUN pip install --extra-index-url "${TORCH_INDEX_URL}" -r /builder/requirements.txt \
-    && python -c "import sys, torch; cuda = torch.version.cuda or 'none'; sys.exit(0 if cuda.startswith('12.') else 'torch is built for CUDA ' + cuda + ', not 12.x: check TORCH_INDEX_URL')"
+    && python -c "import sys, torch; cuda = torch.version.cuda or 'none'; want = sys.argv[1]; sys.exit(0 if cuda.split('.')[0] == want else f'torch is built for CUDA {cuda}, not {want}.x: check TORCH_INDEX_URL (or TORCH_CUDA)')" "${TORCH_CUDA}"
 
 # The bake imports one self-contained subpackage of the worker, qwen_edit_worker.weights (variants,
 # the Lightning LoRA, precision, the fuse/quantise step), copied beside bake.py rather than installing
 # the whole package first: a change to it re-runs the bake (download included), which is right since
 # the stored weights depend on it; a change anywhere else in the worker keeps the weights layer.
 # tests/test_bake.py pins that the subpackage imports nothing else of the worker.
-COPY builder/bake.py /builder/bake.py
+COPY builder/bake.py builder/verify.py /builder/
 COPY src/qwen_edit_worker/weights/ /builder/qwen_edit_worker/weights/
 ARG FUSE_LIGHTNING=0
 ARG PRECISION=bf16
 ARG TEXT_ENCODER_PRECISION=bf16
+ARG BAKE_MODEL=1
+ARG HF_ENDPOINT=https://huggingface.co
 RUN --mount=type=secret,id=hf_token,required=false \
     fuse=""; if [ "${FUSE_LIGHTNING}" = "1" ]; then fuse="--fuse-lightning"; fi \
-    && python /builder/bake.py --variant "${MODEL_VARIANT}" --model-revision "${MODEL_REVISION}" \
-        --lora-revision "${LORA_REVISION}" --dest /models ${fuse:+"$fuse"} \
+    && case "${BAKE_MODEL}" in 1) slim="";; 0) slim="--lora-only";; \
+        *) echo "BAKE_MODEL must be 1 (bake the model) or 0 (the Lightning LoRA only), not ${BAKE_MODEL}" >&2; exit 2;; esac \
+    && HF_ENDPOINT="${HF_ENDPOINT}" python /builder/bake.py --variant "${MODEL_VARIANT}" \
+        --model-revision "${MODEL_REVISION}" --lora-revision "${LORA_REVISION}" --dest /models \
+        ${fuse:+"$fuse"} ${slim:+"$slim"} \
         --precision "${PRECISION}" --text-encoder-precision "${TEXT_ENCODER_PRECISION}"
 
 ENV MODEL_VARIANT=${MODEL_VARIANT} \

@@ -8,7 +8,10 @@ READMEs or pictures), checks every safetensors header and the LoRA's keys, write
 leaves a half-written model behind.
 
     python builder/bake.py --variant edit-2511 [--model-revision main] [--lora-revision main] [--dest /models]
-        [--fuse-lightning] [--precision bf16|int8|fp8] [--text-encoder-precision bf16|int8|fp8]
+        [--fuse-lightning] [--precision bf16|int8|fp8] [--text-encoder-precision bf16|int8|fp8] [--lora-only]
+
+--lora-only (the slim image, Dockerfile BAKE_MODEL=0) bakes the Lightning LoRA and a manifest and no
+model: the worker then loads the base model from RunPod's cached models (the endpoint's Model field).
 
 Preparing at build time (qwen_edit_worker/weights/prepare.py): --fuse-lightning fuses the Lightning LoRA
 into the transformer and stores the fused weights (the LoRA file is then not kept), so a cold start
@@ -22,6 +25,7 @@ Layout (what the worker's MODEL_PATH and LORA_PATH defaults expect):
     <dest>/<variant>/model_index.json, transformer/, text_encoder/, vae/, ...
     <dest>/<variant>/lightning/<the variant's Lightning file>
     <dest>/<variant>/manifest.json
+With --lora-only there is no model_index.json, and the manifest's `model` says `"baked": false`.
 
 A token, when the repos need one, comes from HF_TOKEN or the file --token-file (default
 /run/secrets/hf_token, where a BuildKit secret is mounted); it is never printed.  HF_ENDPOINT
@@ -38,13 +42,13 @@ import fnmatch
 import json
 import logging
 import os
-import re
 import shutil
-import struct
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from verify import BakeError, verify, verify_lora, verify_weights  # builder/verify.py, beside this script
 
 # In a checkout or install the package is importable; in the image's build stage only the
 # qwen_edit_worker.weights subpackage is copied to /builder/qwen_edit_worker/weights/, beside this
@@ -55,17 +59,7 @@ from qwen_edit_worker.weights.variants import VARIANTS, Variant
 log = logging.getLogger("bake")
 WEIGHT_FORMATS_SKIPPED = (".bin", ".pt", ".pth", ".ckpt", ".onnx", ".msgpack", ".h5", ".gguf", ".pb")
 SKIPPED = ("*.md", "*.png", "*.jpg", "*.jpeg", "*.gif", "*.webp", ".gitattributes", "*.mp4")
-LORA_KEY = re.compile(
-    r"^(diffusion_model\.|transformer\.)?transformer_blocks\.\d+\.[\w.]+\.(lora_down\.weight|lora_up\.weight|alpha"
-    r"|lora_A\.weight|lora_B\.weight)$"
-)
 FREE_SPACE_MARGIN = 512 * 1024**2
-
-
-class BakeError(Exception):
-    def __init__(self, code: int, message: str) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 def select_files(files: dict[str, int], model_index: dict[str, Any],
@@ -95,54 +89,6 @@ def _used_weights(component: str, weights: list[str], files: dict[str, int],
         return [f"{component}/{shard}" for shard in sorted(set(shard_maps[index_path].values()))]
     plain = [p for p in weights if p.rsplit("/", 1)[1].count(".") == 1]
     return plain or weights
-
-
-def safetensors_problem(path: Path) -> str | None:
-    """Why a safetensors file is unreadable or truncated, or None when its header and size agree."""
-    try:
-        with path.open("rb") as handle:
-            (length,) = struct.unpack("<Q", handle.read(8))
-            if length > 100 * 1024**2:
-                return "header length is implausible"
-            header = json.loads(handle.read(length))
-        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
-    except (OSError, struct.error, ValueError, KeyError, TypeError) as err:
-        return f"unreadable header ({type(err).__name__})"
-    size = path.stat().st_size
-    if size != 8 + length + end:
-        return f"size {size} does not match its header ({8 + length + end} bytes expected): truncated or damaged"
-    return None
-
-
-def lora_keys(path: Path) -> list[str]:
-    with path.open("rb") as handle:
-        (length,) = struct.unpack("<Q", handle.read(8))
-        return [k for k in json.loads(handle.read(length)) if k != "__metadata__"]
-
-
-def verify_weights(folder: Path) -> None:
-    """Raise BakeError(6) unless every safetensors file in `folder` is whole."""
-    for path in sorted(folder.rglob("*.safetensors")):
-        problem = safetensors_problem(path)
-        if problem:
-            raise BakeError(6, f"{path.relative_to(folder)}: {problem}")
-
-
-def verify(folder: Path, lora: Path) -> None:
-    """Raise BakeError(6) unless every weight file is whole, the LoRA is a LoRA and the pipeline complete."""
-    verify_weights(folder)
-    keys = lora_keys(lora)
-    bad = [k for k in keys if not LORA_KEY.match(k)]
-    if not keys or bad or not any(k.endswith(("lora_down.weight", "lora_A.weight")) for k in keys):
-        raise BakeError(6, f"{lora.name} is not a transformer LoRA in the expected key form "
-                           f"(transformer_blocks.N.<module>.lora_down/lora_up/alpha); unexpected: {bad[:3]}")
-    index = json.loads((folder / "model_index.json").read_text())
-    for name, spec in index.items():
-        if name.startswith("_") or not isinstance(spec, list) or spec[0] is None:
-            continue
-        part = folder / name
-        if not part.is_dir() or not any(part.glob("*.json")):
-            raise BakeError(6, f"model_index.json names {name!r} but {name}/ has no configuration")
 
 
 def bake(variant: Variant, dest: Path, model_revision: str, lora_revision: str, token: str | None,
@@ -227,6 +173,50 @@ def bake(variant: Variant, dest: Path, model_revision: str, lora_revision: str, 
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def bake_lora_only(variant: Variant, dest: Path, lora_revision: str, token: str | None) -> Path:
+    """The slim bake: the Lightning LoRA, verified, and a manifest that says the model is not baked."""
+    from huggingface_hub import HfApi, hf_hub_download
+
+    final = dest / variant.name
+    if final.exists():
+        raise BakeError(2, f"{final} already exists; remove it or choose another --dest")
+    dest.mkdir(parents=True, exist_ok=True)
+    staging = dest / f".{variant.name}.partial-{os.getpid()}"
+    api = HfApi(token=token)
+    try:
+        lora_info = _info(api, variant.lora_repo, lora_revision)
+        if variant.lora_file not in {s.rfilename for s in lora_info.siblings or []}:
+            raise BakeError(2, f"{variant.lora_repo}@{lora_revision} has no file {variant.lora_file}")
+        try:
+            fetched = Path(hf_hub_download(variant.lora_repo, variant.lora_file, revision=lora_info.sha,
+                                           local_dir=staging / ".lora", token=token))
+        except Exception as err:  # network, HTTP and disk errors all end the bake
+            raise _download_error(variant.lora_repo, variant.lora_file, err) from None
+        (staging / "lightning").mkdir()
+        lora = staging / "lightning" / variant.lora_basename
+        fetched.replace(lora)
+        _remove_extras(staging, set())
+        verify_lora(lora)
+        size = lora.stat().st_size
+        manifest = {
+            "variant": variant.name,
+            "baked_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            "model": {"repo": variant.repo, "baked": False,
+                      "from": "RunPod's cached models: the endpoint's Model field set to " + variant.repo},
+            "lora": {"repo": variant.lora_repo, "file": variant.lora_file, "revision": lora_revision,
+                     "commit": lora_info.sha},
+            "files": [{"path": f"lightning/{variant.lora_basename}", "bytes": size}],
+            "total_bytes": size,
+        }
+        (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        staging.replace(final)
+        log.info("baked the Lightning LoRA of %s into %s (%.2f MB, no model: it comes from RunPod's cached "
+                 "models, the endpoint's Model field %s)", variant.name, final, size / 1e6, variant.repo)
+        return final
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 def _info(api: Any, repo: str, revision: str) -> Any:
     from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
 
@@ -294,10 +284,23 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "an Ada/Hopper GPU on the build machine; quantised after the fuse)")
     parser.add_argument("--text-encoder-precision", default="bf16",
                         help="text encoder as stored: bf16, int8 or fp8 (the vision tower stays bf16)")
+    parser.add_argument("--lora-only", action="store_true",
+                        help="the slim image: bake the Lightning LoRA and a manifest, no model (the worker loads "
+                        "it from RunPod's cached models)")
     args = parser.parse_args(argv)
     try:
         if args.variant not in VARIANTS:
             raise BakeError(2, f"unknown variant {args.variant!r}; choose one of {', '.join(VARIANTS)}")
+        if args.lora_only:
+            prepared = [flag for flag, on in (("--fuse-lightning", args.fuse_lightning),
+                                              ("--precision", args.precision.lower() != "bf16"),
+                                              ("--text-encoder-precision", args.text_encoder_precision.lower()
+                                               != "bf16")) if on]
+            if prepared:
+                raise BakeError(2, f"--lora-only (BAKE_MODEL=0) bakes no model, so {', '.join(prepared)} has nothing "
+                                   "to prepare; leave it at its default or bake the model")
+            bake_lora_only(VARIANTS[args.variant], args.dest, args.lora_revision, read_token(args.token_file))
+            return 0
         bake(VARIANTS[args.variant], args.dest, args.model_revision, args.lora_revision, read_token(args.token_file),
              args.fuse_lightning, args.precision.lower(), args.text_encoder_precision.lower())
     except BakeError as err:

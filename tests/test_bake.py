@@ -145,3 +145,71 @@ def test_a_file_that_is_not_a_lightning_lora_fails_verification(tmp_path: Path, 
     with Hub(repos(tiny_repo, (tmp_path / "x.safetensors").read_bytes())) as hub:
         out = bake(hub, tmp_path / "models", "--variant", "edit-2511")
     assert out.returncode == 6 and "is not a transformer LoRA" in out.stderr
+
+
+def cache_layout(root: Path, repo: str, commit: str, files: dict[str, bytes]) -> Path:
+    """`files` laid out as RunPod's model cache (Hugging Face hub layout) under `root`; returns the snapshot."""
+    repo_dir = root / ("models--" + repo.replace("/", "--"))
+    snapshot = repo_dir / "snapshots" / commit
+    for name, data in files.items():
+        (snapshot / name).parent.mkdir(parents=True, exist_ok=True)
+        (snapshot / name).write_bytes(data)
+    (repo_dir / "refs").mkdir(parents=True)
+    (repo_dir / "refs" / "main").write_text(commit)
+    return snapshot
+
+
+class TestSlimBake:
+    """BAKE_MODEL=0: the Lightning LoRA and a manifest baked; the base model from RunPod's cached models."""
+
+    def test_lora_only_bake_then_the_worker_uses_runpods_cached_model(
+            self, tmp_path: Path, tiny_repo: dict[str, bytes], lora_bytes: bytes,
+            monkeypatch: pytest.MonkeyPatch) -> None:
+        from qwen_edit_worker.model import sources
+
+        dest = tmp_path / "models"
+        with Hub(repos({}, lora_bytes)) as hub:  # the model repo is never asked for
+            out = bake(hub, dest, "--variant", "edit-2511", "--lora-only")
+        assert out.returncode == 0, out.stderr
+        folder = dest / "edit-2511"
+        assert sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()) == [
+            f"lightning/{VARIANT.lora_basename}", "manifest.json"]
+        manifest = json.loads((folder / "manifest.json").read_text())
+        assert manifest["model"]["baked"] is False and manifest["model"]["repo"] == VARIANT.repo
+        assert manifest["total_bytes"] == len(lora_bytes)
+
+        monkeypatch.setattr(sources, "BAKED_ROOT", dest)
+        monkeypatch.setattr(sources, "RUNPOD_CACHE", tmp_path / "cache")
+        missing = Worker({"MODEL_PATH": str(folder), "WARMUP": "0"}).handle(small_job())
+        error = missing["error"]
+        assert error.startswith("MODEL_PATH: ") and "the endpoint's Model field" in error
+        assert f"set the endpoint's Model field to {VARIANT.repo}" in error and "only the Lightning LoRA" in error
+
+        commit = "abcdef0123456789abcdef0123456789abcdef01"
+        snapshot = cache_layout(tmp_path / "cache", VARIANT.repo,
+                                commit, {k: v for k, v in tiny_repo.items() if k not in JUNK})
+        result = Worker({"MODEL_PATH": str(folder), "WARMUP": "0"}).handle(small_job())
+        assert "error" not in result, result
+        assert result["model"]["source"] == str(snapshot)
+        assert result["model"]["manifest"] == {"model": f"{VARIANT.repo}@{commit[:12]}",
+                                               "lora": f"{VARIANT.lora_repo}@fedcba987654"}
+
+    def test_another_variants_cache_is_named(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        from qwen_edit_worker.errors import ModelLoadError
+        from qwen_edit_worker.model import sources
+
+        monkeypatch.setattr(sources, "BAKED_ROOT", tmp_path / "models")
+        monkeypatch.setattr(sources, "RUNPOD_CACHE", tmp_path / "cache")
+        cache_layout(tmp_path / "cache", "Qwen/Qwen-Image-Edit-2509", "c" * 40, {"model_index.json": b"{}"})
+        with pytest.raises(ModelLoadError) as caught:
+            sources.locate(tmp_path / "models" / "edit-2511", VARIANT)
+        assert "holds no model" in str(caught.value) and "Qwen/Qwen-Image-Edit-2509 instead" in str(caught.value)
+        # an explicit MODEL_PATH elsewhere is taken as given: no cache lookup
+        assert sources.locate(tmp_path / "mine", VARIANT).kind == "folder"
+
+    @pytest.mark.parametrize("flag", [["--fuse-lightning"], ["--precision", "int8"]])
+    def test_lora_only_refuses_preparation(self, tmp_path: Path, lora_bytes: bytes, flag: list[str]) -> None:
+        with Hub(repos({}, lora_bytes)) as hub:
+            out = bake(hub, tmp_path / "models", "--variant", "edit-2511", "--lora-only", *flag)
+        assert out.returncode == 2 and f"--lora-only (BAKE_MODEL=0) bakes no model, so {flag[0]}" in out.stderr
+        assert no_leftovers(tmp_path / "models")

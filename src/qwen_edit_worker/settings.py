@@ -31,7 +31,8 @@ _FALSE = ("0", "false", "no", "off")
 # hub.json are checked against this table by the tests.
 SETTINGS: dict[str, tuple[str, str]] = {
     "MODEL_VARIANT": (DEFAULT_VARIANT, "edit | edit-2509 | edit-2511"),
-    "MODEL_PATH": ("", "baked diffusers folder; empty means /models/<variant>"),
+    "MODEL_PATH": ("", "diffusers folder; empty means /models/<variant>, or RunPod's cached model (the endpoint's "
+                       "Model field) when the image bakes none"),
     "LORA_PATH": ("", "Lightning LoRA file; empty means the variant's file in the baked layout"),
     "LIGHTNING": ("1", "1: fuse the Lightning LoRA (3 steps, no CFG); 0: base model"),
     "TINY_MODEL": ("0", "1: tiny random-weight model built in code (tests, demos; output is noise)"),

@@ -83,7 +83,7 @@ def load_model(settings: Settings) -> LoadedModel:
     measure = attention.measurer(attention.sequence_length(settings.variant)) if cuda else None
     chosen = attention.choose(settings.attention_backend, cuda, measure)
 
-    source = None if settings.tiny_model else sources.resolve(settings.model_path)
+    source = None if settings.tiny_model else sources.locate(settings.model_path, settings.variant)
     if source is not None:
         log.info("model source: %s %s%s", source.kind, source.path,
                  f" ({source.model}; LoRA {source.lora or 'from LORA_PATH'})" if source.model else "")
