@@ -101,11 +101,7 @@ def bake(variant: Variant, dest: Path, model_revision: str, lora_revision: str, 
         except preparing.PrepareError as err:
             raise BakeError(2, str(err)) from None
 
-    final = dest / variant.name
-    if final.exists():
-        raise BakeError(2, f"{final} already exists; remove it or choose another --dest")
-    dest.mkdir(parents=True, exist_ok=True)
-    staging = dest / f".{variant.name}.partial-{os.getpid()}"
+    final, staging = _destination(dest, variant)
     api = HfApi(token=token)
     try:
         model = _info(api, variant.repo, model_revision)
@@ -173,15 +169,20 @@ def bake(variant: Variant, dest: Path, model_revision: str, lora_revision: str, 
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def bake_lora_only(variant: Variant, dest: Path, lora_revision: str, token: str | None) -> Path:
-    """The slim bake: the Lightning LoRA, verified, and a manifest that says the model is not baked."""
-    from huggingface_hub import HfApi, hf_hub_download
-
+def _destination(dest: Path, variant: Variant) -> tuple[Path, Path]:
+    """(the final folder, the staging folder beside it that is renamed into place only when whole)."""
     final = dest / variant.name
     if final.exists():
         raise BakeError(2, f"{final} already exists; remove it or choose another --dest")
     dest.mkdir(parents=True, exist_ok=True)
-    staging = dest / f".{variant.name}.partial-{os.getpid()}"
+    return final, dest / f".{variant.name}.partial-{os.getpid()}"
+
+
+def bake_lora_only(variant: Variant, dest: Path, lora_revision: str, token: str | None) -> Path:
+    """The slim bake: the Lightning LoRA, verified, and a manifest that says the model is not baked."""
+    from huggingface_hub import HfApi, hf_hub_download
+
+    final, staging = _destination(dest, variant)
     api = HfApi(token=token)
     try:
         lora_info = _info(api, variant.lora_repo, lora_revision)

@@ -20,30 +20,28 @@ LORA_MAX_RANK, or one on layers outside the blocks, is a RequestError naming the
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from ..accounting.timing import StageClock
 from ..errors import RequestError
 from .fetch import Fetched
+from .slots import Slots
 
 log = logging.getLogger(__name__)
 
 
-class CompiledSlots:
+class CompiledSlots(Slots):
     """LORA_SLOTS rank-padded adapters on one pipeline's transformer, made before it is compiled."""
 
     def __init__(self, pipe: Any, max_slots: int, rank: int) -> None:
         import torch
         from peft.tuners.lora import LoraLayer
 
-        self.pipe, self.max_slots, self.rank = pipe, max_slots, rank
+        super().__init__(pipe, max_slots)
+        self.rank = rank
         self.names = [f"slot_{k}" for k in range(max_slots)]
-        self.loaded: OrderedDict[str, int] = OrderedDict()  # sha256 -> layers, least recently used first
         self.slot_of: dict[str, str] = {}
-        self.loads = 0
         transformer = pipe.transformer
         linears = {name: m for name, m in transformer.named_modules()
                    if name.startswith("transformer_blocks.") and isinstance(m, torch.nn.Linear)}
@@ -73,21 +71,8 @@ class CompiledSlots:
         finally:
             self.pipe.disable_lora()
 
-    @contextmanager
-    def applied(self, fetched: list[Fetched], clock: StageClock) -> Iterator[None]:
-        try:
-            if fetched:
-                with clock.stage("lora"):
-                    self.activate(fetched)
-            yield
-        finally:
-            self.deactivate()
-
     def activate(self, fetched: list[Fetched]) -> None:
-        wanted = {f.sha256 for f in fetched}
-        if len(wanted) > self.max_slots:
-            raise RequestError("input.loras", f"{len(wanted)} different LoRAs, more than this worker keeps loaded "
-                                              f"(LORA_SLOTS={self.max_slots})")
+        wanted = self.wanted(fetched)
         for item in fetched:
             if item.sha256 not in self.loaded:
                 slot = self._free_slot(wanted)

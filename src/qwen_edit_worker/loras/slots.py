@@ -11,7 +11,8 @@ before any LoRA job (tests/test_loras_worker.py pins it).
 
 A file whose keys match no layer of this transformer loads nothing in diffusers (a warning only):
 the layers peft really created for the adapter are counted, and none is a RequestError.
-COMPILE=regional is refused before a LoRA job gets here (loras/support.py says why).
+Under COMPILE=regional the slots are the hot-swap ones of loras/hotswap.py instead (both kinds
+share `Slots`: the job's set switched on inside `applied`, everything off after).
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ def adapter_name(sha256: str) -> str:
     return f"lora_{sha256[:16]}"
 
 
-class AdapterSlots:
-    """The request LoRAs loaded on one pipeline's transformer (LRU, at most `max_slots`)."""
+class Slots:
+    """What both kinds of slots share: LRU bookkeeping, the count check, and switched on only inside `applied`."""
 
     def __init__(self, pipe: Any, max_slots: int) -> None:
         self.pipe = pipe
@@ -53,11 +54,29 @@ class AdapterSlots:
         finally:
             self.deactivate()
 
-    def activate(self, fetched: list[Fetched]) -> None:
+    def wanted(self, fetched: list[Fetched]) -> set[str]:
+        """The job's distinct LoRAs; more than the slots hold is a RequestError."""
         wanted = {f.sha256 for f in fetched}
         if len(wanted) > self.max_slots:
             raise RequestError("input.loras", f"{len(wanted)} different LoRAs, more than this worker keeps loaded "
                                               f"(LORA_SLOTS={self.max_slots})")
+        return wanted
+
+    def activate(self, fetched: list[Fetched]) -> None:
+        raise NotImplementedError
+
+    def deactivate(self) -> None:
+        raise NotImplementedError
+
+    def loaded_bytes(self) -> int:
+        raise NotImplementedError
+
+
+class AdapterSlots(Slots):
+    """The request LoRAs loaded on one pipeline's transformer as named PEFT adapters (LRU, at most `max_slots`)."""
+
+    def activate(self, fetched: list[Fetched]) -> None:
+        wanted = self.wanted(fetched)
         for item in fetched:
             if item.sha256 not in self.loaded:
                 self._make_room(wanted)
