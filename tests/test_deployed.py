@@ -18,6 +18,7 @@ import pytest
 
 from conftest import b64_picture, small_job
 from fake_queue import ROOT, FakeQueue, deployed_worker, serve_queue
+from lora_files import FileServer, Route, lora_bytes
 
 JOB_TIMEOUT = 240  # seconds; the tiny model takes a few seconds per job on 2 shared cores
 START_TIMEOUT = 240
@@ -31,7 +32,9 @@ def job(job_id: str, **fields: object) -> dict[str, object]:
 def worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[FakeQueue, Path]]:
     """One deployed tiny worker with CONCURRENCY=2, shared by the tests of this module."""
     log = tmp_path_factory.mktemp("deployed") / "worker.log"
-    with serve_queue() as queue, deployed_worker(queue, log, CONCURRENCY="2", LOG_LEVEL="INFO") as process:
+    cache = tmp_path_factory.mktemp("lora-cache")  # request LoRAs from a loopback file server (TestDeployedLoras)
+    with serve_queue() as queue, deployed_worker(queue, log, CONCURRENCY="2", LOG_LEVEL="INFO",
+                                                 ALLOW_LOOPBACK_URLS="1", LORA_CACHE_DIR=str(cache)) as process:
         queue.put(job("warm-up"))
         try:
             queue.wait_done(["warm-up"], START_TIMEOUT)
@@ -126,3 +129,34 @@ def test_unforeseen_load_error_fails_the_fitness_check(tmp_path: Path) -> None:
         assert report.query["check"] == ["model_loaded"]
         assert "RuntimeError: CUDA error: unspecified launch failure" in report.query["reason"][0]
         assert not queue.of("take") and list(queue.jobs)[0]["id"] == "never-run"  # left for a healthy worker
+
+
+class TestDeployedLoras:
+    def test_a_lora_job_changes_the_picture_and_the_next_job_without_is_as_before(
+            self, worker: tuple[FakeQueue, Path]) -> None:
+        """input.loras as a deployed endpoint gets it: fetched by URL, applied, reported, never left on."""
+        queue, log = worker
+        with FileServer({"/style.safetensors": Route(lora_bytes(40))}) as server:
+            url = f"{server.url}/style.safetensors?X-Amz-Signature=SECRET-SIG"
+            queue.put(job("plain-before", seed=5))
+            queue.wait_done(["plain-before"], JOB_TIMEOUT)
+            queue.put(job("lora-1", seed=5, loras=[{"path": url, "scale": 1.0}]))
+            queue.wait_done(["lora-1"], JOB_TIMEOUT)
+            queue.put(job("lora-2", seed=5, loras=[{"path": url, "scale": 1.0}]))
+            queue.put(job("plain-after", seed=5))
+            results = queue.wait_done(["lora-2", "plain-after"], 2 * JOB_TIMEOUT)
+            assert server.hits["/style.safetensors"] == 1  # the second LoRA job read the worker's cache
+        before = queue.results()["plain-before"].body["output"]
+        first = queue.results()["lora-1"].body
+        assert "error" not in first, first
+        (applied,) = first["output"]["model"]["loras"]
+        assert applied["source"] == "url" and applied["layers"] > 0 and not applied["cached"]
+        assert "SECRET" not in json.dumps(first) and first["output"]["timing"]["lora_ms"] > 0
+        assert results["lora-2"].body["output"]["model"]["loras"][0]["cached"]
+        assert first["output"]["images"][0]["image"] != before["images"][0]["image"]
+        assert results["lora-2"].body["output"]["images"][0]["image"] == first["output"]["images"][0]["image"]
+        after = results["plain-after"].body["output"]
+        assert after["images"][0]["image"] == before["images"][0]["image"]  # nothing left behind
+        assert after["model"]["loras"] == [] and after["timing"]["lora_ms"] == 0
+        text = log.read_text()
+        assert "SECRET" not in text and applied["sha256"] in text  # the log names the LoRA by content only
