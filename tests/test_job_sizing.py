@@ -314,3 +314,14 @@ class TestTextEncoderRead:
         reference = whole.handle(small_job(seed=6))
         assert precision.quantised_linears(encoder) == precision.quantised_linears(pipe.text_encoder) > 0
         assert np.array_equal(decode_output_image(out["images"][0]), decode_output_image(reference["images"][0]))
+
+    def test_a_folder_whose_text_encoder_is_not_a_transformers_class_is_a_load_error(self, tmp_path: Any) -> None:
+        import json
+
+        from qwen_edit_worker.errors import ModelLoadError
+        from qwen_edit_worker.model import text_encoder
+
+        (tmp_path / "model_index.json").write_text(json.dumps({"text_encoder": ["diffusers", "NoSuchEncoder"]}))
+        with pytest.raises(ModelLoadError) as caught:
+            text_encoder.encoder_class(tmp_path)
+        assert str(caught.value).startswith("MODEL_PATH: ") and "diffusers.NoSuchEncoder" in str(caught.value)
