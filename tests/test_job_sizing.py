@@ -274,3 +274,54 @@ class TestReadByBlock:
                                                   torch.bfloat16, "cpu", "cpu", None, None)
         assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
         assert record["lora_layers"] == 0 and record["blocks"] > len(model.transformer_blocks)
+
+
+class TestTextEncoderRead:
+    def test_read_onto_the_device_and_quantised_there_equals_the_whole_loaded_encoder_quantised(
+            self, tiny_folder: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+        """A bf16 folder with TEXT_ENCODER_PRECISION=int8: the encoder is read on its own, straight onto the device
+        (device_map), quantised there and handed to the pipeline, which does not read a second one; the picture
+        equals the old path's (the pipeline loads the encoder whole, then it is quantised)."""
+        import transformers
+
+        encoder_class = transformers.Qwen2_5_VLForConditionalGeneration
+        original = encoder_class.from_pretrained
+        loads: list[Any] = []
+
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            loads.append(kwargs.get("device_map"))
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(encoder_class, "from_pretrained", counted)
+        with caplog.at_level(logging.INFO, logger="qwen_edit_worker.model.text_encoder"):
+            read = Worker({"MODEL_PATH": str(tiny_folder), "WARMUP": "0", "TEXT_ENCODER_PRECISION": "int8"})
+            out = read.handle(small_job(seed=6))
+        assert "error" not in out, out
+        assert loads == [{"": "cpu"}]  # one read, onto the device: the pipeline's from_pretrained took it as given
+        record = out["model"]["quantised_at_load"]
+        assert list(record) == ["text_encoder"]
+        assert record["text_encoder"]["where"] == "cpu, read from the files onto it"
+        assert any("text encoder read cpu, read from the files onto it" in r.getMessage() for r in caplog.records)
+        encoder = editor_of(read).model.pipe.text_encoder
+        assert precision.quantised_linears(encoder.model.visual) == 0
+
+        loads.clear()
+        whole = Worker({"MODEL_PATH": str(tiny_folder), "WARMUP": "0"})
+        assert "error" not in whole.handle(small_job(seed=6))
+        assert len(loads) == 1 and loads[0] != {"": "cpu"}  # the old path: read by the pipeline's from_pretrained
+        pipe = editor_of(whole).model.pipe
+        precision.quantise_text_encoder(pipe.text_encoder, "int8")
+        reference = whole.handle(small_job(seed=6))
+        assert precision.quantised_linears(encoder) == precision.quantised_linears(pipe.text_encoder) > 0
+        assert np.array_equal(decode_output_image(out["images"][0]), decode_output_image(reference["images"][0]))
+
+    def test_a_folder_whose_text_encoder_is_not_a_transformers_class_is_a_load_error(self, tmp_path: Any) -> None:
+        import json
+
+        from qwen_edit_worker.errors import ModelLoadError
+        from qwen_edit_worker.model import text_encoder
+
+        (tmp_path / "model_index.json").write_text(json.dumps({"text_encoder": ["diffusers", "NoSuchEncoder"]}))
+        with pytest.raises(ModelLoadError) as caught:
+            text_encoder.encoder_class(tmp_path)
+        assert str(caught.value).startswith("MODEL_PATH: ") and "diffusers.NoSuchEncoder" in str(caught.value)

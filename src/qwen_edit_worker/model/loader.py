@@ -99,12 +99,16 @@ def load_model(settings: Settings) -> LoadedModel:
     stored = None if source is None else placement.model_bytes(source.path, "bf16", "bf16")  # as on disk, in bf16
     straight = plan is not None and plan.offload == "none" and _stored_fits(stored, gpu_bytes)
     resident = plan is None or plan.offload in ("none", "text_encoder")
+    # A bf16 bake with TEXT_ENCODER_PRECISION int8|fp8: the encoder is read onto the device and quantised there
+    # first, while the GPU is still empty (model/text_encoder.py).
+    encoder = None if source is None or straight or settings.text_encoder_precision == _baked(source)[1] else (
+        _text_encoder_early(source, settings.text_encoder_precision, dtype, device, plan))
     # A bf16 bake quantised at load: the transformer is read, fused and quantised block by block (model/by_block.py).
     early = None if source is None or straight or settings.precision == _baked(source)[0] else (
         _transformer_by_block(settings, source, dtype, device, device if resident else "cpu"))
     # When everything fits as stored, weights are read straight onto the device (no CPU copy).
     pipe = _build_pipeline(settings, source, dtype, device if straight or not cuda else None,
-                           None if early is None else early[0])
+                           None if early is None else early[0], None if encoder is None else encoder[0])
     if plan is None:
         plan = placement.plan(_resident_bytes(pipe), gpu_bytes, settings.offload, **_plan_options(settings, gpu_bytes))
         resident = plan.offload in ("none", "text_encoder")
@@ -125,7 +129,8 @@ def load_model(settings: Settings) -> LoadedModel:
         pipe.transformer.to(device)  # the layers that were not quantised (norms, embeddings) follow
     else:
         pipe.transformer.to("cpu")
-    quantised.update(_quantise_text_encoder(pipe, settings, source, device))
+    quantised.update(_quantise_text_encoder(pipe, settings, source, device) if encoder is None
+                     else {"text_encoder": encoder[1]})
     accel.place(pipe, plan.offload, cuda)
 
     gpu_name = torch.cuda.get_device_name(0) if cuda else None
@@ -150,7 +155,7 @@ def load_model(settings: Settings) -> LoadedModel:
 
 
 def _build_pipeline(settings: Settings, source: sources.ModelSource | None, dtype: Any, device_map: str | None,
-                    transformer: Any = None) -> Any:
+                    transformer: Any = None, text_encoder: Any = None) -> Any:
     import diffusers
 
     pipeline_class = getattr(diffusers, settings.variant.pipeline_class)
@@ -163,7 +168,8 @@ def _build_pipeline(settings: Settings, source: sources.ModelSource | None, dtyp
         return pipe
     path = source.path
     try:
-        given = {} if transformer is None else {"transformer": transformer}  # already read block by block
+        given = {name: part for name, part in (("transformer", transformer), ("text_encoder", text_encoder))
+                 if part is not None}  # already read (and quantised) on their own
         pipe = pipeline_class.from_pretrained(str(path), dtype=dtype, local_files_only=True, device_map=device_map,
                                               **given)
     except (OSError, ValueError, KeyError, RuntimeError, TypeError) as err:
@@ -189,6 +195,15 @@ def _transformer_by_block(settings: Settings, source: sources.ModelSource, dtype
                                          device, home, settings.precision, lora)
     except (OSError, ValueError, KeyError, RuntimeError, TypeError, SafetensorError) as err:
         raise ModelLoadError("MODEL_PATH", f"cannot load the transformer from {source.path}: {err}") from None
+
+
+def _text_encoder_early(source: sources.ModelSource, quantise_to: str, dtype: Any, device: str,
+                        plan: placement.Plan) -> tuple[Any, dict[str, Any]]:
+    """The text encoder read onto `device` and quantised there, kept on the GPU only when nothing is offloaded."""
+    from . import text_encoder
+
+    return text_encoder.load_text_encoder(source.path, dtype, device, device if plan.offload == "none" else "cpu",
+                                          quantise_to)
 
 
 def _check_folder(path: Path) -> None:
