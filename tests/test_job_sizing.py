@@ -277,6 +277,19 @@ class TestReadByBlock:
 
 
 class TestTextEncoderRead:
+    def test_read_first_only_where_the_bf16_encoder_fits_the_gpu_alone(self, tmp_path: Any) -> None:
+        """A 16 GB card cannot hold the 16.6 GB bf16 encoder: it loads on the host, quantised layer by layer."""
+        from qwen_edit_worker.model import loader, sources
+        from qwen_edit_worker.settings import Settings
+
+        stored = reference_sizes("bf16", "bf16")
+        source = sources.ModelSource(tmp_path, "folder", None, None)
+        int8 = Settings.from_env(tiny_env(TEXT_ENCODER_PRECISION="int8"))
+        bf16 = Settings.from_env(tiny_env())
+        assert loader._encoder_first(int8, source, stored, 24 * GB)
+        assert loader._encoder_first(int8, source, stored, None)  # the CPU runs the same path
+        assert not loader._encoder_first(int8, source, stored, 16 * GB)
+        assert not loader._encoder_first(bf16, source, stored, 80 * GB)  # nothing to quantise
     def test_read_onto_the_device_and_quantised_there_equals_the_whole_loaded_encoder_quantised(
             self, tiny_folder: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
         """A bf16 folder with TEXT_ENCODER_PRECISION=int8: the encoder is read on its own, straight onto the device

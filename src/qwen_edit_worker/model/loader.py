@@ -100,8 +100,9 @@ def load_model(settings: Settings) -> LoadedModel:
     straight = plan is not None and plan.offload == "none" and _stored_fits(stored, gpu_bytes)
     resident = plan is None or plan.offload in ("none", "text_encoder")
     # A bf16 bake with TEXT_ENCODER_PRECISION int8|fp8: the encoder is read onto the device and quantised there
-    # first, while the GPU is still empty (model/text_encoder.py).
-    encoder = None if source is None or straight or settings.text_encoder_precision == _baked(source)[1] else (
+    # first, while the GPU is still empty (model/text_encoder.py); on a GPU smaller than the bf16 encoder (the
+    # 16 GB class) it is loaded on the host and quantised layer by layer on the device instead (below).
+    encoder = None if source is None or straight or not _encoder_first(settings, source, stored, gpu_bytes) else (
         _text_encoder_early(source, settings.text_encoder_precision, dtype, device, plan))
     # A bf16 bake quantised at load: the transformer is read, fused and quantised block by block (model/by_block.py).
     early = None if source is None or straight or settings.precision == _baked(source)[0] else (
@@ -239,9 +240,26 @@ def _stored_fits(stored: dict[str, int] | None, gpu_bytes: int | None) -> bool:
 
 def _transformer_fits(stored: dict[str, int] | None, gpu_bytes: int | None) -> bool:
     """Whether the transformer alone fits the GPU as stored (else the fuse and quantisation run on the CPU)."""
+    return _component_fits(stored, "transformer", gpu_bytes)
+
+
+def _encoder_first(settings: Settings, source: sources.ModelSource, stored: dict[str, int] | None,
+                   gpu_bytes: int | None) -> bool:
+    """Whether the text encoder is read on its own and quantised on the device before the transformer.
+
+    Only when it is quantised at load (a bf16 bake, TEXT_ENCODER_PRECISION int8|fp8) and its bf16 weights fit
+    the GPU alone (no GPU: the same path on the CPU).
+    """
+    if settings.text_encoder_precision == _baked(source)[1]:
+        return False
+    return gpu_bytes is None or _component_fits(stored, "text_encoder", gpu_bytes)
+
+
+def _component_fits(stored: dict[str, int] | None, component: str, gpu_bytes: int | None) -> bool:
+    """Whether `component` alone fits the GPU as stored (bf16), with the CUDA reserve; never without a GPU."""
     if gpu_bytes is None:
         return False
-    return stored is None or stored["transformer"] + placement.RESERVE_BYTES <= gpu_bytes
+    return stored is None or stored[component] + placement.RESERVE_BYTES <= gpu_bytes
 
 
 def _resident_bytes(pipe: Any) -> dict[str, int]:
