@@ -6,6 +6,8 @@ known before paying for a worker.  It prints the same JSON object the worker log
 reports in each job's `model.placement`, from the real model's sizes (REFERENCE_BYTES) or from a
 diffusers folder's safetensors headers (`--model-path`).  Exit 0 when the plan fits; 1 with the
 plan and its reason when nothing fits; 2 with one line on a bad argument.  Never a traceback.
+A command, not the worker: its answer is printed (JSON on stdout, the one-line errors on stderr),
+where the worker's own code logs.
 """
 
 from __future__ import annotations
