@@ -136,24 +136,14 @@ class LoraFetcher:
                 hub.download(source, self.hf_endpoint, self.hf_token, self.max_bytes, partial)
             _check(partial)
             sha = _sha256(partial)
-        except urlfetch.FetchError as err:
-            partial.unlink(missing_ok=True)
-            raise _Failed(f"cannot fetch the LoRA: {err}") from None
-        except hub.HubError as err:
-            partial.unlink(missing_ok=True)
-            raise _Failed(f"cannot fetch the LoRA from the hub: {err}") from None
-        except OSError as err:  # writing it: the cache disk is full or gone
-            partial.unlink(missing_ok=True)
-            raise _Failed(f"cannot store the LoRA in LORA_CACHE_DIR ({err.strerror or type(err).__name__})") from None
-        except BaseException:
-            partial.unlink(missing_ok=True)
-            raise
-        log.info("LoRA %s fetched (%s, %d bytes)", sha[:12], source.kind, partial.stat().st_size)
-        try:
+            log.info("LoRA %s fetched (%s, %d bytes)", sha[:12], source.kind, partial.stat().st_size)
             return sha, self.cache.add(source.key, partial, sha)
-        except OSError as err:
+        except BaseException as err:  # nothing half-written stays behind, whatever went wrong
             partial.unlink(missing_ok=True)
-            raise _Failed(f"cannot store the LoRA in LORA_CACHE_DIR ({err.strerror or type(err).__name__})") from None
+            failed = _download_failure(err)
+            if failed is None:
+                raise
+            raise failed from None
 
     def _local(self, item: LoraItem) -> Fetched:
         if self.lora_dir is None:
@@ -175,6 +165,19 @@ class LoraFetcher:
         sha = self._local_sha.get(memo) or _sha256(path)
         self._local_sha[memo] = sha
         return Fetched(item, sha, path, True, layers)
+
+
+def _download_failure(err: BaseException) -> _Failed | None:
+    """The caller-facing failure for a download's error, or None for one to pass on as it is."""
+    if isinstance(err, _Failed):
+        return err
+    if isinstance(err, urlfetch.FetchError):
+        return _Failed(f"cannot fetch the LoRA: {err}")
+    if isinstance(err, hub.HubError):
+        return _Failed(f"cannot fetch the LoRA from the hub: {err}")
+    if isinstance(err, OSError):  # writing it: the cache disk is full or gone
+        return _Failed(f"cannot store the LoRA in LORA_CACHE_DIR ({err.strerror or type(err).__name__})")
+    return None
 
 
 def _check(path: Path) -> Header:

@@ -119,16 +119,10 @@ def quantise_transformer(transformer: Any, precision: str) -> None:
 
 def quantise_text_encoder(text_encoder: Any, precision: str) -> None:
     """Quantise the text encoder's language-model linear layers (and untied lm_head) in place."""
-    import torch
     from torchao.quantization import quantize_
 
-    kept = tuple(f"{p}." for p in text_encoder_kept(lm_head_tied(text_encoder)))
-
-    def chosen(module: Any, fqn: str) -> bool:
-        return isinstance(module, torch.nn.Linear) and not f"{fqn}.".startswith(kept)
-
     started = time.perf_counter()
-    quantize_(text_encoder, torchao_config(precision), filter_fn=chosen)
+    quantize_(text_encoder, torchao_config(precision), filter_fn=text_encoder_chosen(text_encoder))
     log.info("precision: text encoder quantised to %s in %.1f s (vision tower kept)", precision,
              time.perf_counter() - started)
 
@@ -199,6 +193,5 @@ def _quantised_type() -> type:
 
 def quantised_linears(module: Any) -> int:
     """How many linear layers of `module` hold torchao-quantised weights (for tests and logs)."""
-    from torchao.utils import TorchAOBaseTensor
-
-    return sum(isinstance(getattr(m, "weight", None), TorchAOBaseTensor) for m in module.modules())
+    quantised = _quantised_type()
+    return sum(isinstance(getattr(m, "weight", None), quantised) for m in module.modules())
