@@ -49,19 +49,21 @@ def fit_job(plan: Plan, job: JobShape, adapter_bytes: int = 0) -> JobFit:
     `adapter_bytes` (the job's request LoRAs and those left loaded, loras/service.py) sit on the
     GPU beside the weights for the whole job, so they come off every phase's room first.
     """
+    batch = plan.batch_for(job)
     if adapter_bytes and plan.rooms is not None:
         rooms = plan.rooms
-        without = plan.batch_for(job)
-        plan = replace(plan, rooms=replace(rooms, text=rooms.text - adapter_bytes,
-                                           denoise=rooms.denoise - adapter_bytes, decode=rooms.decode - adapter_bytes))
-        if without >= 1 and plan.batch_for(job) < 1:  # the job alone fits: the LoRAs are what does not
+        with_loras = replace(plan, rooms=replace(rooms, text=rooms.text - adapter_bytes,
+                                                 denoise=rooms.denoise - adapter_bytes,
+                                                 decode=rooms.decode - adapter_bytes))
+        reduced = with_loras.batch_for(job)
+        if batch >= 1 and reduced < 1:  # the job alone fits: the LoRAs are what does not
             spare = min(rooms.text - activations.TEXT_ENCODER_ACTIVATION_BYTES,
                         rooms.denoise - transformer_bytes(job, 1, plan.quantised))
             raise RequestError("input.loras", (
                 f"the request LoRAs (with those this worker keeps loaded) take ~{adapter_bytes / GB:.2f} GB of GPU "
                 f"memory, and beside the weights and this job's activations there is ~{max(spare, 0) / GB:.2f} GB "
                 f"(offload={plan.offload}): use fewer or lower-rank LoRAs, a smaller job, or a larger GPU class"))
-    batch = plan.batch_for(job)
+        plan, batch = with_loras, reduced
     if batch >= 1:
         return JobFit(batch, math.ceil(job.num_images / batch))
     pictures = len(job.input_pixels)
