@@ -54,7 +54,7 @@ class Routes:
                        code="image_required")
 
     async def edits(self, request: web.Request) -> web.Response:
-        if request.content_type != "multipart/form-data":
+        if request.content_type not in ("multipart/form-data", "application/x-www-form-urlencoded"):
             raise ApiError(400, f"send a multipart/form-data body, as the OpenAI SDK's images.edit does (got "
                                 f"{request.content_type})")
         with self.admission.hold():
