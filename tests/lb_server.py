@@ -50,13 +50,15 @@ class LbWorker:
 
 
 @contextmanager
-def serve_lb(log_path: Path, separate_health: bool = True, **env: str) -> Iterator[LbWorker]:
-    """A load-balancing worker (tiny model unless `env` says otherwise); stopped on exit."""
+def serve_lb(log_path: Path, separate_health: bool = True, command: list[str] | None = None,
+             **env: str) -> Iterator[LbWorker]:
+    """A load-balancing worker (tiny model unless `env` says otherwise; `command` replaces `python handler.py`,
+    e.g. bench/standin.py); stopped on exit."""
     port = free_port()
     health = free_port() if separate_health else port
     settings = {"ENDPOINT_TYPE": "lb", "PORT": str(port), "PORT_HEALTH": str(health), **env}
     with log_path.open("wb") as log:
-        process = subprocess.Popen([sys.executable, "handler.py"], cwd=ROOT, env=worker_env(**settings),
+        process = subprocess.Popen(command or [sys.executable, "handler.py"], cwd=ROOT, env=worker_env(**settings),
                                    stdout=log, stderr=subprocess.STDOUT)
     try:
         yield LbWorker(f"http://127.0.0.1:{port}", f"http://127.0.0.1:{health}", process, log_path)
