@@ -16,6 +16,7 @@ import io
 import json
 import shutil
 import subprocess
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -217,6 +218,24 @@ class TestBurst:
         answer = client.images.edit(image=("in.png", png(), "image/png"), prompt="once more", size="64x64")
         assert decoded(answer.data[0].b64_json or "").size == (64, 64)
         assert lb.process.poll() is None and "Traceback" not in lb.log.read_text()
+
+
+class TestWhileLoading:
+    def test_a_request_waits_for_the_model_and_one_past_the_limit_gets_503(self, tmp_path: Path) -> None:
+        """CONCURRENCY=1, LB_MAX_WAITING=0: while /ping says 204 the first request is held until the model is
+        ready (a cold start); a second finds the worker full and is told the model is loading."""
+        with serve_lb(tmp_path / "worker.log", CONCURRENCY="1", LB_MAX_WAITING="0") as worker:
+            assert worker.wait_ping((204,), START_TIMEOUT) == 204
+            with ThreadPoolExecutor(1) as pool:
+                first = pool.submit(form_post, worker, {"prompt": "x", **SMALL}, [("image", png())], None)
+                time.sleep(1)  # the first is held within milliseconds; the tiny model loads for tens of seconds
+                assert requests.get(f"{worker.url}/ping", timeout=5).status_code == 204, "loaded too soon to test"
+                second = form_post(worker, {"prompt": "y", **SMALL}, [("image", png())], key=None)
+                assert assert_openai_error(second, 503, None)["code"] == "model_loading", worker.log_tail()
+                assert second.headers["Retry-After"]
+                answer = first.result(timeout=CALL_TIMEOUT)
+            assert answer.status_code == 200, answer.text
+            assert answer.json()["timing"]["cold_start"] is True
 
 
 class TestBrokenWorker:
