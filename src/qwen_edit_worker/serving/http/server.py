@@ -111,6 +111,7 @@ def _authorise(header: str, key: str) -> None:
 
 def _full(full: Full, admission: Admission) -> web.Response:
     headers = {"Retry-After": RETRY_AFTER_S}
+    log.info("refused a request: the worker holds %d, its limit%s", full.held, " (loading)" if full.loading else "")
     if full.loading:
         return error_response(503, "the model is still loading and this worker holds as many requests as it will "
                                    f"({admission.limit}); retry shortly", code="model_loading", headers=headers)
