@@ -3,6 +3,8 @@
     python handler.py                      deployed: RunPod's job loop; locally: runs test_input.json
     python handler.py --test_input '<json>' runs one job locally, writes the pictures to outputs/
     python handler.py --rp_serve_api       the SDK's local HTTP API (/runsync, /run, /status)
+    ENDPOINT_TYPE=lb python handler.py     a load-balancing endpoint: HTTP on PORT (OpenAI Images API,
+                                           /runsync, /ping); qwen_edit_worker.serving.http
 
 Importing this module loads no model: loading starts when the worker starts (WARMUP=1, in the
 background) or with the first job (WARMUP=0).  The work lives in the qwen_edit_worker package.
@@ -21,6 +23,7 @@ from typing import Any
 
 from qwen_edit_worker.serving.logs import configure_logging, follow_log_level
 from qwen_edit_worker.serving.worker import Worker
+from qwen_edit_worker.settings import front_door
 
 _worker: Worker | None = None
 
@@ -54,6 +57,10 @@ def main(argv: list[str]) -> int:
     configure_logging(level)
     follow_log_level(level)  # before the SDK's first import: its own logger defaults to DEBUG
     worker = get_worker()
+    if front_door(os.environ, deployed()) == "lb":
+        from qwen_edit_worker.serving.http.server import serve
+
+        return serve(worker)
     if deployed() or "--rp_serve_api" in argv:
         import runpod
 

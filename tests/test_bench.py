@@ -70,6 +70,16 @@ def test_throughput_burst_through_the_deployed_path() -> None:
     assert 0 < row["gpu_busy"] <= 1.0 and row["images_per_min"] > 0 and row["outside_ms"] > 0
 
 
+def test_throughput_compare_queue_and_load_balancing_paths() -> None:
+    out = run("throughput", "--compare", "--jobs", "2", "--model-ms", "200", "--standin-side", "128", "--json")
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = {(row["path"], row["requests"]): row for row in json.loads(out.stdout)["rows"]}
+    assert set(rows) == {(path, kind) for path in ("queue", "lb") for kind in ("alone", "burst of 2")}
+    for row in rows.values():
+        assert row["model_ms"] == pytest.approx(200, abs=60)
+        assert row["latency_ms"] > row["model_ms"] and row["max_beyond_model_ms"] >= row["beyond_model_ms"] > 0
+
+
 def test_coldstart_on_a_saved_tiny_folder() -> None:
     out = run("coldstart", "--tiny-folder", "--runs", "1", "--megapixels", "0.0625", "--json", "--port", "8179")
     assert out.returncode == 0, out.stderr[-2000:]

@@ -16,7 +16,7 @@ from typing import Any
 import jsonschema
 import pytest
 
-from qwen_edit_worker.settings import SETTINGS, Settings
+from qwen_edit_worker.settings import LB_SETTINGS, SETTINGS, Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = (ROOT / "Dockerfile").read_text()
@@ -164,7 +164,7 @@ class TestHub:
 
     def test_env_keys_equal_settings_with_same_defaults(self) -> None:
         items = {item["key"]: item["input"] for item in HUB["config"]["env"]}
-        assert set(items) == set(SETTINGS) - TEST_AIDS
+        assert set(items) == set(SETTINGS) - TEST_AIDS - set(LB_SETTINGS)
         code_defaults = Settings.from_env({})
         for key, spec in items.items():
             value = spec["default"]
@@ -205,6 +205,15 @@ class TestHub:
             assert plan.offload in ("none", "text_encoder"), (label, plan)  # the transformer is resident
             if plan.offload != "none":
                 assert s.memory_saving == "on"
+
+    def test_template_is_a_queue_endpoint_offering_no_load_balancing_setting(self) -> None:
+        """The Hub takes one endpointType per template: this one is a queue endpoint (no endpointType: the
+        Hub's default), so ENDPOINT_TYPE=lb and the settings only the HTTP server reads would only break it;
+        docs/deploy.md says how to make a load-balancing endpoint from the image."""
+        offered = {item["key"] for item in HUB["config"]["env"]}
+        offered |= {key for preset in HUB["config"]["presets"] for key in preset["defaults"]}
+        assert not offered & set(LB_SETTINGS) and "endpointType" not in HUB["config"]
+        assert set(LB_SETTINGS) <= set(SETTINGS)
 
     def test_template_offers_no_test_aid(self) -> None:
         """TINY_MODEL answers with noise and ALLOW_LOOPBACK_URLS opens loopback fetches: settings, not offers."""

@@ -17,6 +17,7 @@ tests/docker_env.CACHE.  Measurements are printed (pytest -s) and written to CAC
 
 from __future__ import annotations
 
+import base64
 import json
 import secrets
 import subprocess
@@ -28,9 +29,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import openai
 import pytest
+import requests
 
 import docker_env
+from api_server import free_port
 from fake_queue import FakeQueue, serve_queue
 from hub_server import Hub, Repo
 from qwen_edit_worker.model import tiny
@@ -184,6 +188,46 @@ class TestBakedImage:
             text = logs(built, name, chars=10**7)
             assert f"model source: baked /models/{VARIANT.name}" in text, text
             assert TESTS[0]["input"]["image"][-60:] not in text  # no picture in the log
+
+    def test_serves_a_load_balancing_endpoint_with_endpoint_type_lb(self, built: Built) -> None:
+        """ENDPOINT_TYPE=lb: the same image and CMD as a RunPod load-balancing endpoint, called with the openai
+        package and requests; /ping on its own PORT_HEALTH goes 204 then 200."""
+        port, health = free_port(), free_port()
+        name = f"qwen-edit-test-{uuid.uuid4().hex[:10]}"
+        env = {"ENDPOINT_TYPE": "lb", "PORT": str(port), "PORT_HEALTH": str(health), "LOG_LEVEL": "INFO"}
+        built.daemon.docker("run", "-d", "--name", name, "--network", "host",
+                            *(f"--env={k}={v}" for k, v in env.items()), built.full)
+        try:
+            seen: list[int] = []
+            deadline = time.monotonic() + JOB_TIMEOUT
+            while not seen or seen[-1] != 200:
+                assert time.monotonic() < deadline, f"/ping saw {seen}; the log:\n{logs(built, name)}"
+                try:
+                    status = requests.get(f"http://127.0.0.1:{health}/ping", timeout=5).status_code
+                except requests.ConnectionError:
+                    status = 0
+                if status and (not seen or seen[-1] != status):
+                    seen.append(status)
+                time.sleep(0.2)
+            assert seen == [204, 200], seen
+            client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0,
+                                   timeout=JOB_TIMEOUT)
+            picture = base64.b64decode(TESTS[0]["input"]["image"].split(",", 1)[1])
+            answer = client.images.edit(image=("in.png", picture, "image/png"), prompt="make the sky a sunset",
+                                        size="256x256", model=VARIANT.repo, extra_body={"seed": 42})
+            assert answer.data[0].b64_json and answer.size == "256x256", logs(built, name)
+            assert base64.b64decode(answer.data[0].b64_json).startswith(b"\x89PNG")
+            with pytest.raises(openai.BadRequestError) as bad:
+                client.images.edit(image=("in.png", picture, "image/png"), prompt="x", n=9)
+            assert bad.value.body["param"] == "n"
+            done = requests.post(f"http://127.0.0.1:{port}/runsync", json={"input": TESTS[1]["input"]},
+                                 timeout=JOB_TIMEOUT).json()
+            assert done["status"] == "COMPLETED", done
+            assert done["output"]["model"]["manifest"]["model"] == f"{VARIANT.repo}@{MODEL_COMMIT[:12]}"
+            running = built.daemon.docker("inspect", "-f", "{{.State.Running}}", name).stdout.decode().strip()
+            assert running == "true" and "Traceback" not in logs(built, name, chars=10**7)
+        finally:
+            built.daemon.docker("rm", "-f", name, check=False)
 
     def test_handler_test_input_inside_the_container(self, built: Built) -> None:
         job = json.dumps({"input": {**TESTS[0]["input"]}})

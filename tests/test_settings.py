@@ -8,7 +8,7 @@ import pytest
 
 from qwen_edit_worker.errors import SettingsError
 from qwen_edit_worker.model.sources import resolve
-from qwen_edit_worker.settings import SETTINGS, Settings
+from qwen_edit_worker.settings import SETTINGS, Settings, front_door
 
 
 class TestDefaults:
@@ -107,3 +107,26 @@ class TestModelSources:
         assert resolve(tmp_path).manifest() == {"model": f"Qwen/X@{'c' * 12}", "lora": f"l/Y@{'d' * 12}"}
         (tmp_path / "manifest.json").write_text("{broken")
         assert resolve(tmp_path).kind == "folder" and resolve(tmp_path).manifest() is None
+
+
+class TestEndpointType:
+    def test_lb_settings_and_their_defaults(self) -> None:
+        s = Settings.from_env({})
+        assert (s.endpoint_type, s.port, s.port_health, s.lb_max_waiting, s.api_key) == ("queue", 80, 80, 2, "")
+        s = Settings.from_env({"ENDPOINT_TYPE": "LB", "PORT": "8000", "API_KEY": "k-secret"})
+        assert (s.endpoint_type, s.port, s.port_health) == ("lb", 8000, 8000)  # PORT_HEALTH follows PORT
+        assert Settings.from_env({"PORT": "8000", "PORT_HEALTH": "8001"}).port_health == 8001
+        assert "k-secret" not in repr(s) and s.summary()["api_key"] == "(set)"
+
+    @pytest.mark.parametrize(("name", "value"), [("ENDPOINT_TYPE", "serverless"), ("PORT", "0"),
+                                                 ("PORT_HEALTH", "70000"), ("LB_MAX_WAITING", "17")])
+    def test_bad_values_name_the_setting(self, name: str, value: str) -> None:
+        with pytest.raises(SettingsError, match=f"^{name}: "):
+            Settings.from_env({name: value})
+
+    @pytest.mark.parametrize(("value", "queue_present", "door"), [
+        ("", True, "queue"), ("", False, "queue"), ("lb", True, "lb"), (" LB ", False, "lb"),
+        ("balancer", True, "queue"), ("balancer", False, "lb")])
+    def test_front_door(self, value: str, queue_present: bool, door: str) -> None:
+        """A bad value serves where the worker can say so: the queue's jobs, or the HTTP server's /ping."""
+        assert front_door({"ENDPOINT_TYPE": value}, queue_present) == door

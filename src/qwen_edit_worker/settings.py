@@ -24,6 +24,7 @@ OFFLOAD_MODES = ("auto", "none", "text_encoder", "model", "group")
 COMPILE_MODES = ("off", "regional")
 MAX_CONCURRENCY = 4  # one job on the GPU, the others loading or sending pictures; more only holds jobs back
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+ENDPOINT_TYPES = ("queue", "lb")
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
 
@@ -69,7 +70,17 @@ SETTINGS: dict[str, tuple[str, str]] = {
     "LORA_MAX_RANK": ("32", "COMPILE=regional only: the rank its LoRA slots are padded to (made at load); 0: no LoRAs"),
     "HF_ENDPOINT": ("https://huggingface.co", "the Hugging Face hub that ORG/NAME LoRA paths are fetched from"),
     "HF_TOKEN": ("", "token for private or gated LoRA repos on HF_ENDPOINT (never taken from a request; never logged)"),
+    # The front door (serving/http/): RunPod's queue, or a load-balancing endpoint's own HTTP server.
+    "ENDPOINT_TYPE": ("queue", "queue: RunPod's job queue (the SDK's job loop) | lb: a load-balancing endpoint: an "
+                               "HTTP server with the OpenAI Images API, /runsync and /ping"),
+    "PORT": ("80", "lb: the HTTP port (RunPod sets it; its default is 80)"),
+    "PORT_HEALTH": ("", "lb: the port of GET /ping; empty: PORT"),
+    "LB_MAX_WAITING": ("2", "lb: requests a worker keeps waiting beyond CONCURRENCY running (0 to 16); more: 429"),
+    "API_KEY": ("", "lb: when set, every route but /ping needs Authorization: Bearer <key> (never logged)"),
 }
+# Settings that only the load-balancing front door reads: the Hub template is a queue endpoint (one
+# endpointType per template), so hub.json offers none of them; docs/deploy.md says how to use them.
+LB_SETTINGS = ("ENDPOINT_TYPE", "PORT", "PORT_HEALTH", "LB_MAX_WAITING", "API_KEY")
 RUNPOD_VOLUME = Path("/runpod-volume")
 MAX_MAX_LORAS = 8
 
@@ -110,6 +121,11 @@ class Settings:
     lora_max_rank: int
     hf_endpoint: str
     hf_token: str = field(repr=False)
+    endpoint_type: str
+    port: int
+    port_health: int
+    lb_max_waiting: int
+    api_key: str = field(repr=False)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -162,6 +178,11 @@ class Settings:
             lora_max_rank=_int_in("LORA_MAX_RANK", raw("LORA_MAX_RANK"), 0, 512),
             hf_endpoint=_url("HF_ENDPOINT", raw("HF_ENDPOINT")).rstrip("/"),
             hf_token=raw("HF_TOKEN"),
+            endpoint_type=_choice("ENDPOINT_TYPE", raw("ENDPOINT_TYPE").lower(), ENDPOINT_TYPES),
+            port=_int_in("PORT", raw("PORT"), 1, 65535),
+            port_health=_int_in("PORT_HEALTH", raw("PORT_HEALTH") or raw("PORT"), 1, 65535),
+            lb_max_waiting=_int_in("LB_MAX_WAITING", raw("LB_MAX_WAITING"), 0, 16),
+            api_key=raw("API_KEY"),
         )
 
     @property
@@ -173,12 +194,25 @@ class Settings:
         out: dict[str, object] = {}
         for f in fields(self):
             if (f.name.startswith("bucket_") and f.name not in ("bucket_endpoint_url", "bucket_name")) \
-                    or f.name == "hf_token":
+                    or f.name in ("hf_token", "api_key"):
                 out[f.name] = "(set)" if getattr(self, f.name) else "(empty)"
                 continue
             value = getattr(self, f.name)
             out[f.name] = value.name if isinstance(value, Variant) else str(value) if isinstance(value, Path) else value
         return out
+
+
+def front_door(env: Mapping[str, str], queue_present: bool) -> str:
+    """The endpoint type `python handler.py` serves: ENDPOINT_TYPE ("queue" or "lb").
+
+    A bad value cannot say which was meant: where RunPod's queue is present (`queue_present`) the
+    queue path runs and answers every job with the setting's error; elsewhere the HTTP server runs
+    and its /ping answers 503 with it.  Either way the worker stays up and says what to fix.
+    """
+    value = env.get("ENDPOINT_TYPE", "").strip().lower() or SETTINGS["ENDPOINT_TYPE"][0]
+    if value in ENDPOINT_TYPES:
+        return value
+    return "queue" if queue_present else "lb"
 
 
 def _flag(name: str, value: str) -> bool:

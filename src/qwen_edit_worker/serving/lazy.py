@@ -39,6 +39,15 @@ class LazyLoad(Generic[T]):
     def ready(self) -> bool:
         return self._done.is_set()
 
+    @property
+    def started(self) -> bool:
+        return self._thread is not None
+
+    @property
+    def error(self) -> WorkerError | None:
+        """The load's error once it has ended (None while loading, or after a good load)."""
+        return self._error if self._done.is_set() else None
+
     def start(self) -> None:
         """Begin loading in the background, if not begun yet."""
         with self._start_lock:

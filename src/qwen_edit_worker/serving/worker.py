@@ -84,19 +84,25 @@ class Worker:
 
     def handle(self, job: Mapping[str, Any]) -> dict[str, Any]:
         """The RunPod handler: a job in, the output (or `error`) out."""
+        return self.attempt(job)[0]
+
+    def attempt(self, job: Mapping[str, Any], upload: bool = True) -> tuple[dict[str, Any], Exception | None]:
+        """`handle`'s answer and the error behind it (None on success), for a front door that maps errors
+        to its own status codes (serving/http).  `upload=False` keeps the pictures inline as base64 even
+        when a bucket is configured."""
         job_id = str(job.get("id", "local"))
         try:
-            return self._run(job, job_id)
+            return self._run(job, job_id, upload), None
         except WorkerError as err:
             log.warning("job %s failed: %s", job_id, err)
-            return {"error": str(err)}
+            return {"error": str(err)}, err
         except Exception as err:  # the worker must keep serving; the caller gets a short cause
             if type(err).__name__ == "OutOfMemoryError":
-                return self._out_of_memory(job_id)
+                return self._out_of_memory(job_id), err
             log.exception("job %s failed with an internal error", job_id)
-            return {"error": f"internal error ({type(err).__name__}); details are in the worker log"}
+            return {"error": f"internal error ({type(err).__name__}); details are in the worker log"}, err
 
-    def _run(self, job: Mapping[str, Any], job_id: str) -> dict[str, Any]:
+    def _run(self, job: Mapping[str, Any], job_id: str, upload: bool = True) -> dict[str, Any]:
         if self.settings_error is not None:
             raise self.settings_error
         assert self.settings is not None
@@ -104,7 +110,7 @@ class Worker:
         clock = StageClock()
         defaults = ModelDefaults.for_model(settings.variant, settings.lightning)
         request = parse_request(job.get("input"), settings.variant, defaults, settings.max_loras)
-        bucket = uploads.job_bucket(job, self.bucket)
+        bucket = uploads.job_bucket(job, self.bucket) if upload else None
         limits = images_in.InputLimits(settings.max_input_bytes, settings.max_input_pixels,
                                        settings.allow_loopback_urls)
         with clock.stage("inputs"):
