@@ -55,7 +55,7 @@ class EditRequest:
     num_inference_steps: int
     true_cfg_scale: float
     megapixels: float
-    size: tuple[int, int] | None  # explicit (width, height), else from megapixels
+    size: tuple[int, int] | None  # the working (width, height): explicit, or input.size's on the grid; else megapixels
     exact_size: tuple[int, int] | None  # input.size as asked: the output is resized to it when off the 16 grid
     num_images: int
     output_format: str
