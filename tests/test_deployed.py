@@ -19,6 +19,7 @@ import pytest
 from conftest import b64_picture, small_job
 from fake_queue import ROOT, FakeQueue, deployed_worker, serve_queue
 from lora_files import FileServer, Route, lora_bytes
+from runpod_examples import example, served, serving_examples
 
 JOB_TIMEOUT = 240  # seconds; the tiny model takes a few seconds per job on 2 shared cores
 START_TIMEOUT = 240
@@ -160,3 +161,20 @@ class TestDeployedLoras:
         assert after["model"]["loras"] == [] and after["timing"]["lora_ms"] == 0
         text = log.read_text()
         assert "SECRET" not in text and applied["sha256"] in text  # the log names the LoRA by content only
+
+
+class TestDeployedRunPodRequests:
+    @pytest.mark.timeout(900)  # a 1 MP job on the tiny model's VAE: ~20 s on 2 free cores, minutes on shared ones
+    def test_their_2511_example_runs_unchanged(self, worker: tuple[FakeQueue, Path]) -> None:
+        """The docs' example for RunPod's public qwen-image-edit-2511 endpoint, under the SDK's job loop
+        (their other two examples run through Worker.handle in test_runpod_requests.py)."""
+        queue, _ = worker
+        with serving_examples() as files:
+            queue.put(served(example("qwen-image-edit-2511"), files.url) | {"id": "runpod-2511"})
+            done = queue.wait_done(["runpod-2511"], 3 * JOB_TIMEOUT)["runpod-2511"]
+        assert "error" not in done.body, done.body
+        output = done.body["output"]
+        [item] = output["images"]
+        assert (item["width"], item["height"], item["format"]) == (1024, 1024, "png")
+        assert output["image_url"] == "data:image/png;base64," + item["image"]
+        assert isinstance(output["cost"], dict) and "usd" in output["cost"]

@@ -43,6 +43,7 @@ def test_local_run_of_test_input_json_writes_the_picture(tmp_path: Path) -> None
     picture = tmp_path / item["file"]
     assert picture.is_file() and picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "image" not in item and result["timing"]["steps"] == 3
+    assert result["image_url"] == item["file"]  # not the data URI: no picture data is printed
     source = json.loads((ROOT / "test_input.json").read_text())["input"]["image"]
     assert source[-60:] not in out.stdout + out.stderr  # the input's base64 is never printed or logged
 

@@ -1,9 +1,11 @@
 """Where outputs go: uploads to a real S3-compatible server on loopback (moto's server mode),
-per-request s3Config, failures that name the bucket, the 20 MB response check, and logs that
-never hold pictures, base64, presigned signatures, tokens or keys."""
+per-request s3Config, `image_url` (the first upload, else its data URI), failures that name the
+bucket, the 20 MB response check (counting `image_url`), and logs that never hold pictures,
+base64, presigned signatures, tokens or keys."""
 
 from __future__ import annotations
 
+import base64
 import io
 import logging
 import os
@@ -65,6 +67,34 @@ def test_upload_gives_urls_and_the_objects_are_the_pictures(s3: str) -> None:
         assert np.array_equal(pixels, decode_output_image(inline))  # the same picture as the base64 path
         fetched = requests.get(item["image"], timeout=10)  # the presigned URL works
         assert fetched.status_code == 200 and fetched.content[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_image_url_is_the_first_upload(s3: str) -> None:
+    """RunPod's public endpoints answer `image_url`: with a bucket, the first picture's presigned URL."""
+    out = Worker(bucket_env(s3)).handle(small_job(seed=4, num_images=2, output_format="jpeg"))
+    assert out["image_url"] == out["images"][0]["image"] and out["images"][0]["type"] == "url"
+    fetched = requests.get(out["image_url"], timeout=10)
+    assert fetched.status_code == 200 and fetched.content[:3] == b"\xff\xd8\xff"  # the JPEG itself
+
+
+def test_image_url_without_a_bucket_is_the_first_pictures_data_uri() -> None:
+    for fmt in ("png", "jpeg", "webp"):
+        out = Worker(tiny_env()).handle(small_job(num_images=2, output_format=fmt))
+        first = out["images"][0]
+        assert out["image_url"] == f"data:image/{fmt};base64,{first['image']}"
+        assert Image.open(io.BytesIO(base64.b64decode(out["image_url"].split(",", 1)[1]))).format.lower() == fmt
+
+
+def test_response_limit_counts_image_url() -> None:
+    """image_url repeats the first picture's base64 (without a bucket): the size check counts it."""
+    alone = Worker(tiny_env()).handle(small_job())
+    base64_chars = len(alone["images"][0]["image"])
+    assert len(alone["image_url"]) > base64_chars
+    just_the_images = str(base64_chars + 4096 + 100)  # fitted the response before image_url
+    assert Worker(tiny_env(MAX_RESPONSE_BYTES=just_the_images)).handle(small_job())["error"].startswith(
+        "output: the response would be ")
+    with_image_url = str(base64_chars + len(alone["image_url"]) + 4096)
+    assert "error" not in Worker(tiny_env(MAX_RESPONSE_BYTES=with_image_url)).handle(small_job())
 
 
 def test_per_job_s3_config(s3: str) -> None:

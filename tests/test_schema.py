@@ -127,6 +127,8 @@ class TestNumbers:
     def test_cfg_above_one_needs_a_negative_prompt(self) -> None:
         rejects("input.true_cfg_scale", "negative_prompt", true_cfg_scale=4.0)
         rejects("input.true_cfg_scale", "negative_prompt", true_cfg_scale=4.0, negative_prompt="")
+        base = ModelDefaults.for_model(PLUS, lightning=False)
+        assert parse(defaults=base, negative_prompt="").negative_prompt == " "  # "": none, the model's blank one
         assert parse(true_cfg_scale=4.0, negative_prompt=" ").negative_prompt == " "
         assert parse(true_cfg_scale=4.0, negative_prompt="blurry").true_cfg_scale == 4.0
 
@@ -153,6 +155,27 @@ class TestSize:
 
     def test_not_with_megapixels(self) -> None:
         rejects("input.megapixels", "not both", width=512, height=512, megapixels=1)
+
+    @pytest.mark.parametrize(("value", "working"), [
+        ("1024*1024", (1024, 1024)), ("1536*1080", (1536, 1088)), (" 64 * 2048 ", (64, 2048)), ("100*90", (96, 96)),
+        ("72*2040", (80, 2048)),
+    ])
+    def test_size_w_by_h(self, value: str, working: tuple[int, int]) -> None:
+        request = parse(size=value)
+        assert request.size == working  # the model's 16 grid, nearest (ties up)
+        assert request.exact_size == tuple(int(side) for side in value.split("*"))  # the output, exactly
+
+    @pytest.mark.parametrize("value", ["1024x1024", "1024*", "*1024", "1024", "1024*1024*2", "-64*64", "63*64",
+                                       "64*2049", "", "1e3*1024", "\u0661\u0660\u0662\u0664*1024", 1024,
+                                       [1024, 1024], True])
+    def test_bad_size(self, value: object) -> None:
+        rejects("input.size", 'must be a string "W*H" with W and H whole numbers from 64 to 2048', size=value)
+
+    def test_size_not_with_width_height_or_megapixels(self) -> None:
+        rejects("input.size", "give either size or width and height, not both", size="512*512", width=512, height=512)
+        rejects("input.size", "give either size or width, not both", size="512*512", width=512)
+        rejects("input.size", "give either size or megapixels, not both", size="512*512", megapixels=1)
+        assert parse(size=None, megapixels=1).exact_size is None  # null is absent
 
 
 class TestOutputFormat:

@@ -28,7 +28,7 @@ class TestEdits:
     @pytest.mark.parametrize("variant", VARIANTS)
     def test_each_variant_end_to_end(self, worker_for: WorkerFor, variant: str) -> None:
         out = ok(worker_for(variant).handle(small_job(seed=11)))
-        assert set(out) == {"images", "seed", "timing", "cost", "model", "warnings"}
+        assert set(out) == {"images", "image_url", "seed", "timing", "cost", "model", "warnings"}
         [item] = out["images"]
         assert {k: item[k] for k in ("type", "format", "width", "height", "seed")} == {
             "type": "base64", "format": "png", "width": 64, "height": 64, "seed": 11}

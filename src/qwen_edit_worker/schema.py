@@ -14,13 +14,14 @@ from typing import Any
 
 from .errors import RequestError, describe
 from .loras.request import LoraItem, parse_loras
+from .pictures import sizing
 from .weights.variants import Variant
 
 MAX_PROMPT_CHARS = 2000
 MAX_SEED = 2**32 - 1
 OUTPUT_FORMATS = ("png", "jpeg", "webp")
 FIELDS = (
-    "prompt", "image", "images", "negative_prompt", "seed", "num_inference_steps",
+    "prompt", "image", "images", "negative_prompt", "size", "seed", "num_inference_steps",
     "true_cfg_scale", "megapixels", "width", "height", "num_images", "output_format",
     "output_quality", "loras",
 )
@@ -54,7 +55,8 @@ class EditRequest:
     num_inference_steps: int
     true_cfg_scale: float
     megapixels: float
-    size: tuple[int, int] | None  # explicit (width, height), else from megapixels
+    size: tuple[int, int] | None  # the working (width, height): explicit, or input.size's on the grid; else megapixels
+    exact_size: tuple[int, int] | None  # input.size as asked: the output is resized to it when off the 16 grid
     num_images: int
     output_format: str
     output_quality: int
@@ -77,7 +79,7 @@ def parse_request(raw: Any, variant: Variant, defaults: ModelDefaults, max_loras
 
     prompt = _text(raw, "prompt", None, 1)
     images, image_field = _image_sources(raw, variant)
-    negative = _text(raw, "negative_prompt", defaults.negative_prompt, 0)
+    negative = _text(raw, "negative_prompt", defaults.negative_prompt, 0) or defaults.negative_prompt  # "": none
     seed = _integer(raw, "seed", -1, -1, MAX_SEED)
     steps = _integer(raw, "num_inference_steps", defaults.num_inference_steps, 1, 50)
     cfg = _number(raw, "true_cfg_scale", defaults.true_cfg_scale, 1.0, 10.0)
@@ -87,7 +89,8 @@ def parse_request(raw: Any, variant: Variant, defaults: ModelDefaults, max_loras
             'above 1.0 needs an input.negative_prompt (CFG compares the two; " " is the usual blank one)',
         )
     megapixels = _number(raw, "megapixels", 1.0, 0.0625, 2.0)
-    size = _explicit_size(raw)
+    exact = _exact_size(raw)
+    size = sizing.nearest_working_size(exact) if exact is not None else _explicit_size(raw)
     if size is not None and "megapixels" in raw:
         raise RequestError("input.megapixels", "give either megapixels or width and height, not both")
     fmt = raw.get("output_format", "png")
@@ -104,6 +107,7 @@ def parse_request(raw: Any, variant: Variant, defaults: ModelDefaults, max_loras
         true_cfg_scale=cfg,
         megapixels=megapixels,
         size=size,
+        exact_size=exact,
         num_images=_integer(raw, "num_images", 1, 1, 4),
         output_format=fmt,
         output_quality=_integer(raw, "output_quality", 95, 1, 100),
@@ -199,3 +203,18 @@ def _explicit_size(raw: Mapping[str, Any]) -> tuple[int, int] | None:
         if value % 16:
             raise RequestError(f"input.{name}", f"must be a multiple of 16 from 64 to 2048 (got {value})")
     return width, height
+
+
+def _exact_size(raw: Mapping[str, Any]) -> tuple[int, int] | None:
+    """`input.size`, "W*H" as RunPod's public Qwen edit endpoints take it; None when absent."""
+    value = raw.get("size")
+    if value is None:
+        return None
+    others = [n for n in ("width", "height", "megapixels") if raw.get(n) is not None]
+    if others:
+        raise RequestError("input.size", f"give either size or {' and '.join(others)}, not both")
+    size = sizing.parse_size(value) if isinstance(value, str) else None
+    if size is None:
+        raise RequestError("input.size", f'must be a string "W*H" with W and H whole numbers from {sizing.MIN_SIDE} '
+                           f'to {sizing.MAX_SIDE}, e.g. "1024*1024" (got {describe(value)})')
+    return size

@@ -7,7 +7,9 @@ itself (the "Up" filter for every row, computed with numpy in one pass, then ISA
 ~11 ms for a smaller file, lossless.  Without the isal package it falls back to zlib with the RLE
 strategy (~36 ms).  WebP uses method 0 (~2.8x faster than Pillow's default 4, same size class);
 JPEG is Pillow's (~5 ms).  Base64 is pybase64's (~0.2 ms for a 1 MP PNG, ~2.2 ms in the standard
-library), and the PNG is assembled without copying the filtered rows.  Pure: numpy and Pillow, no torch.
+library), and the PNG is assembled without copying the filtered rows.  A picture asked for at a
+size off the model's 16-pixel grid (`input.size`) is resized here to exactly that size first.
+Pure: numpy and Pillow, no torch.
 """
 
 from __future__ import annotations
@@ -68,6 +70,20 @@ def encode(pixels: np.ndarray, fmt: str, quality: int) -> EncodedImage:
     else:
         raise ValueError(f"unsupported output format {fmt!r}")
     return EncodedImage(buffer.getvalue(), fmt, width, height)
+
+
+def resized(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """(H, W, 3) uint8 `pixels` at exactly `size` (width, height): unchanged when already that size."""
+    height, width = pixels.shape[:2]
+    if (width, height) == size:
+        return pixels
+    picture = Image.fromarray(np.ascontiguousarray(pixels), mode="RGB")
+    return np.asarray(picture.resize(size, Image.Resampling.LANCZOS))
+
+
+def data_uri(fmt: str, base64_data: str) -> str:
+    """A `data:` URI for an encoded picture's base64 (png, jpeg and webp are all image/<format>)."""
+    return f"data:image/{fmt};base64,{base64_data}"
 
 
 def png_bytes(pixels: np.ndarray) -> bytes:

@@ -75,7 +75,7 @@ def fit_job(plan: Plan, job: JobShape, adapter_bytes: int = 0) -> JobFit:
         f"for one image and this worker has {max(room, 0) / GB:.1f} GB beside its weights"
         f"{f' and request LoRAs ({adapter_bytes / GB:.1f} GB)' if adapter_bytes else ''} "
         f"(offload={plan.offload}); the largest this worker can do with {pictures} picture(s) is {largest:.2f} MP: "
-        "ask for a smaller megapixels (or width and height), or deploy on a larger GPU class"))
+        "ask for a smaller megapixels (or width and height, or size), or deploy on a larger GPU class"))
 
 
 def fit_request(plan: Plan, output_size: tuple[int, int], pictures: Sequence[Any], request: Any,

@@ -3,7 +3,8 @@
 Why this exists: the RunPod SDK's own local runner logs the whole job result, base64 pictures
 included, and writes no files.  This runner feeds the same handler the same job shape
 (test_input.json or --test_input), writes each picture to a file, and prints the result with
-each picture's data replaced by its file's path.  It exits 1 when the job fails, as the SDK does.
+each picture's data (and the `image_url` data URI) replaced by its file's path.  It exits 1 when
+the job fails, as the SDK does.
 It takes the handler as RunPod does, plain or async (handler.py's is async).
 """
 
@@ -68,6 +69,8 @@ def run_local(handle: Handler, argv: Sequence[str]) -> int:
         path.write_bytes(base64.b64decode(image.pop("image")))
         image["file"] = str(path)
         log.info("wrote %s (%dx%d)", path, image["width"], image["height"])
+    if str(result.get("image_url", "")).startswith("data:"):  # the first picture again: its file instead
+        result["image_url"] = result["images"][0]["file"]
     sys.stdout.write(json.dumps(result, indent=2) + "\n")
     return 0
 

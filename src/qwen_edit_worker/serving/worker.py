@@ -145,7 +145,7 @@ class Worker:
             clock=clock, on_step=on_step, batch=fit.batch, around=self.loras.applied(editor.model, loras, clock),
         )
         with clock.stage("outputs"):
-            images = _outputs(job_id, pixels, seeds, request, bucket, settings.max_response_bytes)
+            images, image_url = _outputs(job_id, pixels, seeds, request, bucket, settings.max_response_bytes)
         model = editor.model
         timing = timing_report(clock, cold_start=cold, load_seconds=waited, steps=request.num_inference_steps)
         cost = job_cost(billed_seconds(clock), len(images), model.gpu_name, settings.gpu_price_per_second)
@@ -158,7 +158,8 @@ class Worker:
             len(loras), "".join(f" {item.sha256[:12]}" for item in loras),  # sha256s only: URLs may be signed
         )
         info = {**model.info(request.num_inference_steps), "loras": self.loras.report(loras)}
-        return {"images": images, "seed": seed, "timing": timing, "cost": cost, "model": info, "warnings": warnings}
+        return {"images": images, "image_url": image_url, "seed": seed, "timing": timing, "cost": cost,
+                "model": info, "warnings": warnings}
 
     def _out_of_memory(self, job_id: str) -> dict[str, Any]:
         import gc
@@ -170,17 +171,21 @@ class Worker:
             torch.cuda.empty_cache()
         log.error("job %s ran out of GPU memory; asking RunPod to refresh this worker", job_id)
         return {
-            "error": "out of GPU memory: try a smaller input.megapixels (or width and height) or fewer "
+            "error": "out of GPU memory: try a smaller input.megapixels (or width and height, or size) or fewer "
                      "input.num_images; this worker will be replaced after this job",
             "refresh_worker": True,
         }
 
 
 def _outputs(job_id: str, pixels: Any, seeds: list[int], request: EditRequest, bucket: uploads.Bucket | None,
-             limit: int) -> list[dict[str, Any]]:
-    """Encode each picture, then upload it (URL out) or inline it as base64 (size-checked)."""
+             limit: int) -> tuple[list[dict[str, Any]], str]:
+    """Encode each picture (at `input.size` exactly when asked), then upload it (URL out) or inline it
+    as base64 (size-checked); also the `image_url` of RunPod's public endpoints: the first picture's
+    URL, else its data URI."""
     images = []
     for index, (picture_pixels, image_seed) in enumerate(zip(pixels, seeds, strict=True)):
+        if request.exact_size is not None:
+            picture_pixels = images_out.resized(picture_pixels, request.exact_size)
         encoded = images_out.encode(picture_pixels, request.output_format, request.output_quality)
         if bucket is not None:
             key = f"{_safe_key(job_id)}/{index}-{image_seed}.{encoded.format}"
@@ -189,15 +194,17 @@ def _outputs(job_id: str, pixels: Any, seeds: list[int], request: EditRequest, b
             data, kind = encoded.base64(), "base64"
         images.append({"image": data, "type": kind, "format": encoded.format, "width": encoded.width,
                        "height": encoded.height, "seed": image_seed})
+    first = images[0]
+    image_url = first["image"] if first["type"] == "url" else images_out.data_uri(first["format"], first["image"])
     if bucket is None:
-        size = sum(len(item["image"]) for item in images) + 4096  # base64 plus the rest of the JSON
+        size = sum(len(item["image"]) for item in images) + len(image_url) + 4096  # base64 and the rest of the JSON
         if size > limit:
             raise WorkerError("output", (
                 f"the response would be {size / 1e6:.1f} MB, over the {limit / 1e6:g} MB limit "
                 "(RunPod refuses larger results; MAX_RESPONSE_BYTES): ask for output_format jpeg or webp, "
                 "fewer num_images or a smaller megapixels, or configure a bucket (BUCKET_ENDPOINT_URL and "
                 "keys, or the job's s3Config) to get URLs instead"))
-    return images
+    return images, image_url
 
 
 def _safe_key(job_id: str) -> str:
