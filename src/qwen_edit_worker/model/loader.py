@@ -21,7 +21,7 @@ from typing import Any
 from .. import placement
 from ..errors import ModelLoadError
 from ..settings import Settings
-from ..weights import lightning, precision
+from ..weights import lightning, lightning_file, precision
 from . import accel, attention, sources, speedups
 
 log = logging.getLogger(__name__)
@@ -190,11 +190,13 @@ def _transformer_by_block(settings: Settings, source: sources.ModelSource, dtype
     lora = None
     if settings.lightning and not source.fused_lora:
         lora_path, setting = _lora_path(settings, source)
-        lora = by_block.lora_for(pipeline_class, lightning.read_lora(lora_path, setting))
+        lora = lightning_file.read(lora_path, setting, pipeline_class)
     try:
         return by_block.load_transformer(source.path / "transformer", diffusers.QwenImageTransformer2DModel, dtype,
                                          device, home, settings.precision, lora)
     except (OSError, ValueError, KeyError, RuntimeError, TypeError, SafetensorError) as err:
+        if lightning_file.machine_fault(err):
+            raise  # out of GPU memory, a CUDA error: unforeseen (fitness.py), not the folder's fault
         raise ModelLoadError("MODEL_PATH", f"cannot load the transformer from {source.path}: {err}") from None
 
 
