@@ -87,6 +87,10 @@ def read(path: Path, setting: str, pipeline_class: Any) -> LoraFile:
         state = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as err:
         raise ModelLoadError(setting, f"cannot read {path} as safetensors ({_short(str(err), 160)})") from None
+    diff = next((key for key in state if key.endswith((".diff", ".diff_b"))), None)
+    if diff is not None:  # full-weight differences: diffusers' Qwen converter refuses them with a plain ValueError
+        raise ModelLoadError(setting, f"{path} holds .diff/.diff_b keys (e.g. {_short(diff)}), which diffusers "
+                                      "cannot load for this model: use a Lightning LoRA of lora_down/lora_up pairs")
     if any("dora_scale" in key for key in state):
         raise ModelLoadError(setting, f"{path} is a DoRA (dora_scale keys): the Lightning fuse takes a plain LoRA")
     try:
