@@ -21,7 +21,7 @@ from typing import Any
 from .. import placement
 from ..errors import ModelLoadError
 from ..settings import Settings
-from ..weights import lightning, lightning_file, precision
+from ..weights import int8_mm, lightning, lightning_file, precision
 from . import accel, attention, sources, speedups
 
 log = logging.getLogger(__name__)
@@ -93,6 +93,7 @@ def load_model(settings: Settings) -> LoadedModel:
     capability = torch.cuda.get_device_capability(0) if cuda else None
     settings = _resolve_precision(settings, source, cuda, capability)
     _check_precisions(settings, source, cuda, capability)
+    int8_mm.install()  # int8 layers, quantised here or in the bake, never read back to the host (weights/int8_mm.py)
     gpu_bytes = torch.cuda.get_device_properties(0).total_memory if cuda else None
     # Decided from the safetensors headers before any weight is read (the tiny model: after building).
     plan = None if source is None else _plan(settings, source.path, gpu_bytes)
