@@ -124,3 +124,51 @@ def _placeholder(tensor: Any) -> Any:
     if tensor.dtype == torch.bool:
         return True
     return 1.0 if tensor.dtype.is_floating_point else 1
+
+
+def transformer_forward(precision: str, layers: int, image_tokens: int = 2 * 4096, text_tokens: int = 320) -> Syncs:
+    """The syncs of one transformer forward (2511, batch 1; default: 1 MP out, one 1 MP picture) on fake CUDA."""
+    import torch
+
+    from . import fakecuda
+
+    side = int((image_tokens // 2) ** 0.5)
+    with fakecuda.fake_cuda():
+        model = fakecuda.transformer(True, precision, layers=layers)
+        with torch.no_grad():
+            latents = torch.randn(1, image_tokens, 64, dtype=torch.bfloat16)
+            text = torch.randn(1, text_tokens, 3584, dtype=torch.bfloat16)
+            timestep = torch.full((1,), 0.5, dtype=torch.bfloat16)
+            with counting() as seen:
+                model(hidden_states=latents, timestep=timestep, encoder_hidden_states=text,
+                      img_shapes=[[(1, side, side), (1, side, side)]], return_dict=False)
+    return seen
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m qwen_edit_worker.placement.syncs [--layers 60]`: the counts, as JSON, with torchao's own int8
+    matmul and with the worker's (weights/int8_mm.py).  A command's answer, so it prints."""
+    import argparse
+    import importlib
+    import json
+
+    from torchao.kernel import intmm
+
+    from ..weights import int8_mm
+
+    parser = argparse.ArgumentParser(prog="python -m qwen_edit_worker.placement.syncs")
+    parser.add_argument("--layers", type=int, default=60)
+    args = parser.parse_args(argv)
+    target = importlib.import_module(int8_mm.TARGET)
+    answer: dict[str, object] = {"layers": args.layers}
+    for name, matmul in (("torchao", intmm.int_scaled_matmul), ("worker", int8_mm.int_scaled_matmul)):
+        int8_mm.install()
+        target.int_scaled_matmul = matmul
+        answer[name] = {p: dict(transformer_forward(p, args.layers).counts) for p in ("bf16", "int8", "fp8")}
+    int8_mm.install()
+    print(json.dumps(answer))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
