@@ -124,3 +124,25 @@ def test_a_partial_match_warns_and_fuses_the_same_layers_on_both_paths(
                           "(e.g. transformer_blocks.0.attn.to_z matched none)"], (name, warned)
         fused[name] = worker.model.get()[0].model.lora_layers
     assert fused == {"whole": LAYERS - 1, "by_block": LAYERS - 1}
+
+
+def test_deployed_a_diff_key_lora_on_the_block_by_block_path_keeps_the_worker_and_answers_every_job(
+        tmp_path: Path, tiny_folder: Path) -> None:  # noqa: F811 (the fixture above)
+    """handler.py under the RunPod SDK's job loop: the case that used to escape as unforeseen (a failed fitness
+    check, the worker replaced over and over).  It stays up, never reports unhealthy, and tells every job."""
+    from fake_queue import deployed_worker, serve_queue
+
+    content, fragment = BAD["diff-keys"]
+    lora = write(tmp_path / "diff.safetensors", content)
+    log = tmp_path / "worker.log"
+    with serve_queue() as queue, deployed_worker(queue, log, TINY_MODEL="0", MODEL_PATH=str(tiny_folder),
+                                                 PRECISION="int8", LORA_PATH=str(lora),
+                                                 MODEL_VARIANT="edit-2511") as process:
+        queue.put({**small_job(), "id": "j-1"}, {**small_job(), "id": "j-2"})
+        results = queue.wait_done(["j-1", "j-2"], 240)
+        errors = {result.body.get("error") for result in results.values()}
+        assert len(errors) == 1, errors
+        [error] = errors
+        assert error.startswith(f"LORA_PATH: {lora} ") and fragment in error, log.read_text()[-2000:]
+        assert process.poll() is None
+        assert not [e for e in queue.of("ping") if e.query.get("status") == ["unhealthy"]]
