@@ -96,7 +96,7 @@ def read(path: Path, setting: str, pipeline_class: Any) -> LoraFile:
     try:
         converted = pipeline_class.lora_state_dict(state)
     except (ValueError, KeyError, TypeError, IndexError, AttributeError, RuntimeError) as err:
-        # diffusers' Qwen converter raises a plain ValueError on keys it leaves over (`.diff`, `.diff_b`).
+        # diffusers' Qwen converter raises plain errors on what it cannot pair (a lora_down without its lora_up).
         detail = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise ModelLoadError(setting, f"{path} is not a LoRA diffusers can convert for this model "
                                       f"({_short(detail, 160)})") from None
