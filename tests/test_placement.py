@@ -6,6 +6,7 @@ model's component sizes (placement.REFERENCE_BYTES, from its configs)."""
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -235,6 +236,25 @@ class TestSizes:
         assert placement.model_bytes(tmp_path, "bf16", precision)["text_encoder"] == expected
         # The transformer keeps no tower: every linear of a folder named otherwise counts as quantised.
         assert placement.folder_bytes(tmp_path / "text_encoder", precision, "transformer") < expected
+
+    def test_the_real_encoders_bytes_by_that_rule_are_the_reference_figure(self) -> None:
+        """The same rule on the real Qwen2.5-VL-7B config (fake tensors): 9.52 GB at int8 and fp8, REFERENCE_BYTES;
+        counting every 2-D weight as quantised, as the header count did, gives 8.85 GB."""
+        from qwen_edit_worker.placement import fakecuda
+        from qwen_edit_worker.weights import precision as weights
+
+        with fakecuda.fake_cuda():
+            encoder = fakecuda.text_encoder()
+            chosen = weights.text_encoder_chosen(encoder)
+            quantised = {f"{fqn}.weight" for fqn, module in encoder.named_modules() if chosen(module, fqn)}
+            state = {name: tuple(p.shape) for name, p in encoder.state_dict().items()}
+        for precision in ("int8", "fp8"):
+            total = sum(weights.linear_weight_bytes(*shape, precision) if name in quantised else 2 * math.prod(shape)
+                        for name, shape in state.items())
+            every = sum(weights.linear_weight_bytes(*shape, precision) if len(shape) == 2 and "embed" not in name
+                        and name.endswith(".weight") else 2 * math.prod(shape) for name, shape in state.items())
+            assert total == pytest.approx(placement.REFERENCE_BYTES["text_encoder"][precision], rel=0.001)
+            assert every / GB == pytest.approx(8.85, abs=0.01)
 
     def test_model_bytes_reads_each_component(self, tmp_path: Path) -> None:
         for name, rows in (("transformer", 8), ("text_encoder", 4), ("vae", 2)):
