@@ -146,3 +146,34 @@ def test_deployed_a_diff_key_lora_on_the_block_by_block_path_keeps_the_worker_an
         assert error.startswith(f"LORA_PATH: {lora} ") and fragment in error, log.read_text()[-2000:]
         assert process.poll() is None
         assert not [e for e in queue.of("ping") if e.query.get("status") == ["unhealthy"]]
+
+
+@pytest.mark.parametrize("error", [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+                                   RuntimeError("CUDA error: an illegal memory access was encountered")])
+def test_running_out_of_gpu_memory_while_fusing_stays_unforeseen(error: Exception, tmp_path: Path,
+                                                                paths: dict[str, Callable[[Path], dict[str, str]]],
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch raises these as RuntimeError, the type a bad file raises too: they must not be called the file's (or
+    MODEL_PATH's) fault, so the fitness check fails and RunPod replaces the worker, on both paths."""
+    from qwen_edit_worker.model import by_block
+
+    def fails(*args: Any, **kwargs: Any) -> None:
+        raise error
+
+    lora = write(tmp_path / "fine.safetensors", tiny.lora_state_dict())
+    for where, name in ((by_block, "_fuse"), (tiny_pipe_class(), "load_lora_weights")):
+        monkeypatch.setattr(where, name, fails)
+    for env in paths.values():
+        worker = Worker({**env(lora), "WARMUP": "1", "MODEL_VARIANT": "edit-2511"})
+        worker.start()
+        with pytest.raises(RuntimeError, match="this machine is likely at fault"):
+            model_check(worker)()
+        assert worker.model.unforeseen is error
+
+
+def tiny_pipe_class() -> Any:
+    import diffusers
+
+    from qwen_edit_worker.weights.variants import VARIANTS
+
+    return getattr(diffusers, VARIANTS["edit-2511"].pipeline_class)
