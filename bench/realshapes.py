@@ -18,14 +18,11 @@ from typing import Any
 import torch
 
 from qwen_edit_worker.model import tiny
+from qwen_edit_worker.placement import realconfig
 from qwen_edit_worker.weights import lightning
 
-TEXT_CONFIG = {"hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28,
-               "num_key_value_heads": 4, "vocab_size": 152064, "max_position_embeddings": 128000,
-               "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]}}
-VISION_CONFIG = {"depth": 32, "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16,
-                 "out_hidden_size": 3584, "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2,
-                 "window_size": 112, "fullatt_block_indexes": [7, 15, 23, 31]}
+TEXT_CONFIG = realconfig.TEXT_CONFIG  # one source of truth: src/qwen_edit_worker/placement/realconfig.py
+VISION_CONFIG = realconfig.VISION_CONFIG
 
 
 @contextmanager
@@ -42,15 +39,8 @@ def on(device: str, dtype: torch.dtype) -> Iterator[None]:
 
 def text_encoder_config(tokenizer: Any, layers: int | None = None) -> Any:
     """The real Qwen2.5-VL-7B config (or the same widths with `layers` text and vision layers)."""
-    from transformers import Qwen2_5_VLConfig
-
-    text, vision = dict(TEXT_CONFIG), dict(VISION_CONFIG)
-    if layers is not None:  # same widths, fewer layers: a small folder that still fits the transformer
-        text["num_hidden_layers"], vision["depth"], vision["fullatt_block_indexes"] = layers, layers, [layers - 1]
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in tiny.SPECIAL_TOKENS}
-    return Qwen2_5_VLConfig(text_config=text, vision_config=vision, vocab_size=152064,
-                            image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-                            vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+    return realconfig.text_encoder_config(layers, ids)
 
 
 def transformer(device: str, dtype: torch.dtype, zero_cond_t: bool = True, seed: int | None = None) -> Any:
@@ -60,7 +50,7 @@ def transformer(device: str, dtype: torch.dtype, zero_cond_t: bool = True, seed:
     if seed is not None:
         torch.manual_seed(seed)
     with on(device, dtype):
-        return QwenImageTransformer2DModel(zero_cond_t=zero_cond_t).eval()
+        return QwenImageTransformer2DModel(**realconfig.transformer_config(zero_cond_t)).eval()
 
 
 def components(device: str, dtype: torch.dtype, zero_cond_t: bool = True, seed: int | None = None,
@@ -77,7 +67,7 @@ def components(device: str, dtype: torch.dtype, zero_cond_t: bool = True, seed: 
     tokenizer = tiny.build_tokenizer()  # byte-level: its ids fit in the real vocabulary
     parts = {"transformer": transformer(device, dtype, zero_cond_t, seed)}
     with on(device, dtype):
-        parts["vae"] = AutoencoderKLQwenImage().eval()
+        parts["vae"] = AutoencoderKLQwenImage(**realconfig.VAE_CONFIG).eval()
         parts["text_encoder"] = Qwen2_5_VLForConditionalGeneration(text_encoder_config(tokenizer, text_layers)).eval()
     processor = Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(), tokenizer=tokenizer,
                                  video_processor=Qwen2VLVideoProcessor())

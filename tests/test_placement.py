@@ -6,6 +6,7 @@ model's component sizes (placement.REFERENCE_BYTES, from its configs)."""
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -211,6 +212,49 @@ class TestSizes:
         rest = (64 + 100 * 32 + 16) * 2 + 16 * 32
         assert placement.folder_bytes(tmp_path, "int8") == 64 * 32 + 64 * 5 + rest
         assert placement.folder_bytes(tmp_path, "fp8") == 64 * 32 + 64 * 4 + rest
+
+    @pytest.mark.parametrize("precision", ["int8", "fp8"])
+    def test_a_text_encoders_size_counts_only_what_precision_quantises(self, tmp_path: Path, precision: str) -> None:
+        """A real (tiny) Qwen2.5-VL encoder saved by transformers: its vision tower is stored as `visual.` and stays
+        bf16 at load, so the header count makes only the language model's linears and lm_head int8/fp8 (before the
+        fix it counted the vision tower's linears as quantised too: 8.85 GB for the real encoder, not 9.52)."""
+        from qwen_edit_worker.model import tiny
+        from qwen_edit_worker.weights import precision as weights
+        from qwen_edit_worker.weights.variants import VARIANTS
+
+        encoder = tiny.build_components(VARIANTS["edit-2511"], tiny.base_scheduler())["text_encoder"]
+        encoder.save_pretrained(tmp_path / "text_encoder")
+        chosen = weights.text_encoder_chosen(encoder)
+        quantised = {f"{fqn}.weight" for fqn, module in encoder.named_modules() if chosen(module, fqn)}
+        kept = [fqn for fqn, module in encoder.named_modules()
+                if isinstance(module, torch.nn.Linear) and not chosen(module, fqn)]
+        assert kept and all(fqn.startswith("model.visual.") for fqn in kept)  # the vision tower has linears
+        expected = sum(weights.linear_weight_bytes(*p.shape, precision) if name in quantised else p.numel() * 2
+                       for name, p in encoder.state_dict().items())
+        assert placement.folder_bytes(tmp_path / "text_encoder", precision) == expected
+        (tmp_path / "transformer").mkdir(), (tmp_path / "vae").mkdir()
+        assert placement.model_bytes(tmp_path, "bf16", precision)["text_encoder"] == expected
+        # The transformer keeps no tower: every linear of a folder named otherwise counts as quantised.
+        assert placement.folder_bytes(tmp_path / "text_encoder", precision, "transformer") < expected
+
+    def test_the_real_encoders_bytes_by_that_rule_are_the_reference_figure(self) -> None:
+        """The same rule on the real Qwen2.5-VL-7B config (fake tensors): 9.52 GB at int8 and fp8, REFERENCE_BYTES;
+        counting every 2-D weight as quantised, as the header count did, gives 8.85 GB."""
+        from qwen_edit_worker.placement import fakecuda
+        from qwen_edit_worker.weights import precision as weights
+
+        with fakecuda.fake_cuda():
+            encoder = fakecuda.text_encoder()
+            chosen = weights.text_encoder_chosen(encoder)
+            quantised = {f"{fqn}.weight" for fqn, module in encoder.named_modules() if chosen(module, fqn)}
+            state = {name: tuple(p.shape) for name, p in encoder.state_dict().items()}
+        for precision in ("int8", "fp8"):
+            total = sum(weights.linear_weight_bytes(*shape, precision) if name in quantised else 2 * math.prod(shape)
+                        for name, shape in state.items())
+            every = sum(weights.linear_weight_bytes(*shape, precision) if len(shape) == 2 and "embed" not in name
+                        and name.endswith(".weight") else 2 * math.prod(shape) for name, shape in state.items())
+            assert total == pytest.approx(placement.REFERENCE_BYTES["text_encoder"][precision], rel=0.001)
+            assert every / GB == pytest.approx(8.85, abs=0.01)
 
     def test_model_bytes_reads_each_component(self, tmp_path: Path) -> None:
         for name, rows in (("transformer", 8), ("text_encoder", 4), ("vae", 2)):

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ModelLoadError
-from ..weights import precision
+from ..weights import lightning_file, precision
 
 log = logging.getLogger(__name__)
 BLOCK = re.compile(r"^(transformer_blocks\.\d+)\.")
@@ -35,8 +35,12 @@ def block_of(name: str) -> str:
 
 
 def load_transformer(folder: Path, transformer_class: Any, dtype: Any, device: str, home: str,
-                     quantise_to: str | None, lora: dict[str, Any] | None) -> tuple[Any, dict[str, Any]]:
-    """The transformer in `folder`, block by block; (model, {"where", "blocks", "seconds", "lora_layers"})."""
+                     quantise_to: str | None, lora: lightning_file.LoraFile | None) -> tuple[Any, dict[str, Any]]:
+    """The transformer in `folder`, block by block; (model, {"where", "blocks", "seconds", "lora_layers"}).
+
+    The LoRA is checked against the empty model's layers before any weight is read (lightning_file.py: the
+    check the whole-model fuse makes too), so a file that does not fit fails as LORA_PATH with nothing read.
+    """
     import torch
     from accelerate import init_empty_weights
     from accelerate.utils import set_module_tensor_to_device
@@ -46,6 +50,7 @@ def load_transformer(folder: Path, transformer_class: Any, dtype: Any, device: s
     started = time.perf_counter()
     with init_empty_weights():
         model = transformer_class.from_config(transformer_class.load_config(str(folder)))
+    pairs = lora.pairs(lightning_file.linear_shapes(model)) if lora is not None else {}
     handles = [safe_open(str(file), framework="pt", device="cpu") for file in sorted(folder.glob("*.safetensors"))]
     stored = {name: handle for handle in handles for name in handle.keys()}  # noqa: SIM118 (safe_open has no iter)
     params = [name for name, _ in model.named_parameters()]
@@ -63,15 +68,12 @@ def load_transformer(folder: Path, transformer_class: Any, dtype: Any, device: s
             value = stored[name].get_tensor(name).to(device=device, dtype=dtype)  # one tensor through the map
             set_module_tensor_to_device(model, name, device, value=value, dtype=dtype)  # meta params are float32
         members = {fqn for fqn in linears if block_of(f"{fqn}.weight") == block}
-        fused += _fuse(model, members, lora) if lora else 0
+        fused += _fuse(model, members, pairs)
         if config is not None:
             quantize_(model, config, filter_fn=lambda m, fqn, members=members: fqn in members)
         if home != device:
             model.get_submodule(block).to(home)
     model.to(home)  # buffers made outside the files (RoPE tables) follow
-    if lora and fused == 0:
-        raise ModelLoadError("LORA_PATH", "the Lightning LoRA matched no layer of the transformer: is it the "
-                                          "Lightning LoRA for this variant?")
     seconds = time.perf_counter() - started
     where = f"{torch.device(device).type}, block by block from the files"
     log.info("transformer read %s in %.1f s (%d blocks, LoRA fused into %d layers, quantised to %s, kept on %s)",
@@ -79,23 +81,15 @@ def load_transformer(folder: Path, transformer_class: Any, dtype: Any, device: s
     return model, {"where": where, "blocks": len(blocks), "seconds": round(seconds, 2), "lora_layers": fused}
 
 
-def _fuse(model: Any, members: set[str], lora: dict[str, Any]) -> int:
-    """Add the LoRA's B @ A to each linear of the block it names; the number of layers changed."""
+def _fuse(model: Any, members: set[str], pairs: dict[str, tuple[Any, Any]]) -> int:
+    """Add the LoRA's B @ A to each linear of the block it names (shapes checked); the number of layers changed."""
     import torch
 
     changed = 0
-    for fqn in members:
-        down, up = lora.get(f"transformer.{fqn}.lora_A.weight"), lora.get(f"transformer.{fqn}.lora_B.weight")
-        if down is None or up is None:
-            continue
+    for fqn in members & pairs.keys():
+        down, up = pairs[fqn]
         weight = model.get_submodule(fqn).weight
         with torch.no_grad():
             weight += (up.to(weight.device, weight.dtype) @ down.to(weight.device, weight.dtype))
         changed += 1
     return changed
-
-
-def lora_for(pipeline_class: Any, state: dict[str, Any]) -> dict[str, Any]:
-    """A Lightning LoRA file's tensors in diffusers' keys (`transformer.<layer>.lora_A/B.weight`, alpha folded)."""
-    converted = pipeline_class.lora_state_dict(state)
-    return converted[0] if isinstance(converted, tuple) else converted

@@ -21,7 +21,7 @@ from typing import Any
 from .. import placement
 from ..errors import ModelLoadError
 from ..settings import Settings
-from ..weights import lightning, precision
+from ..weights import int8_mm, lightning, lightning_file, precision
 from . import accel, attention, sources, speedups
 
 log = logging.getLogger(__name__)
@@ -93,6 +93,7 @@ def load_model(settings: Settings) -> LoadedModel:
     capability = torch.cuda.get_device_capability(0) if cuda else None
     settings = _resolve_precision(settings, source, cuda, capability)
     _check_precisions(settings, source, cuda, capability)
+    int8_mm.install()  # int8 layers, quantised here or in the bake, never read back to the host (weights/int8_mm.py)
     gpu_bytes = torch.cuda.get_device_properties(0).total_memory if cuda else None
     # Decided from the safetensors headers before any weight is read (the tiny model: after building).
     plan = None if source is None else _plan(settings, source.path, gpu_bytes)
@@ -190,11 +191,13 @@ def _transformer_by_block(settings: Settings, source: sources.ModelSource, dtype
     lora = None
     if settings.lightning and not source.fused_lora:
         lora_path, setting = _lora_path(settings, source)
-        lora = by_block.lora_for(pipeline_class, lightning.read_lora(lora_path, setting))
+        lora = lightning_file.read(lora_path, setting, pipeline_class)
     try:
         return by_block.load_transformer(source.path / "transformer", diffusers.QwenImageTransformer2DModel, dtype,
                                          device, home, settings.precision, lora)
     except (OSError, ValueError, KeyError, RuntimeError, TypeError, SafetensorError) as err:
+        if lightning_file.machine_fault(err):
+            raise  # out of GPU memory, a CUDA error: unforeseen (fitness.py), not the folder's fault
         raise ModelLoadError("MODEL_PATH", f"cannot load the transformer from {source.path}: {err}") from None
 
 

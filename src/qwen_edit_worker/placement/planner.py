@@ -31,7 +31,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..weights.precision import linear_weight_bytes
+from ..weights.precision import linear_weight_bytes, stored_quantised
 from . import activations
 from .activations import BASE_JOB, GB, JobShape
 
@@ -231,14 +231,17 @@ def _gb(size: int) -> str:
 FLOATS = {"F32": 4, "BF16": 2, "F16": 2}
 
 
-def folder_bytes(folder: Path, precision: str = "bf16") -> int:
+def folder_bytes(folder: Path, precision: str = "bf16", component: str | None = None) -> int:
     """Bytes a component's safetensors take on the GPU at `precision` (from the headers alone).
 
     Floating-point tensors load as bf16 (2 bytes an element).  A 2-D floating-point `.weight` (a
-    linear layer's; embeddings excluded) counts as torchao stores it at `precision`
-    (precision.linear_weight_bytes: scales included); tensors already stored quantised count as
-    stored.  An estimate made before loading; the load log gives the bytes really resident afterwards.
+    linear layer's; embeddings excluded) that weights/precision.py quantises in `component` (the
+    folder's name unless given: the text encoder's vision tower stays bf16) counts as torchao stores
+    it at `precision` (precision.linear_weight_bytes: scales included); tensors already stored
+    quantised count as stored.  An estimate made before loading; the load log gives the bytes
+    really resident afterwards.
     """
+    component = component or folder.name
     total = 0
     for file in sorted(folder.glob("*.safetensors")):
         with file.open("rb") as handle:
@@ -248,7 +251,8 @@ def folder_bytes(folder: Path, precision: str = "bf16") -> int:
                 continue
             start, end = spec["data_offsets"]
             shape, size = spec["shape"], end - start
-            if spec["dtype"] in FLOATS and len(shape) == 2 and name.endswith(".weight") and "embed" not in name:
+            if (spec["dtype"] in FLOATS and len(shape) == 2 and name.endswith(".weight") and "embed" not in name
+                    and stored_quantised(component, name)):
                 size = linear_weight_bytes(shape[0], shape[1], precision)
             elif spec["dtype"] in FLOATS:  # loaded as bf16 whatever the file stores
                 size = size // FLOATS[spec["dtype"]] * 2
@@ -259,4 +263,4 @@ def folder_bytes(folder: Path, precision: str = "bf16") -> int:
 def model_bytes(path: Path, precision: str, text_encoder_precision: str) -> dict[str, int]:
     """The three components' bytes in the diffusers folder `path`, at the precisions they will load in."""
     precisions = {"transformer": precision, "text_encoder": text_encoder_precision, "vae": "bf16"}
-    return {name: folder_bytes(path / name, precisions[name]) for name in COMPONENTS}
+    return {name: folder_bytes(path / name, precisions[name], name) for name in COMPONENTS}

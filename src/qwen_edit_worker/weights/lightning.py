@@ -2,8 +2,9 @@
 
 Why this exists: the LoRA must really be there.  diffusers loads a file whose keys match no layer
 with only a warning and then runs the base model at 3 steps (garbage, silently).  So the file is
-read here, loaded, checked against the LoRA layers peft actually created, fused into the
-weights (no per-step LoRA cost) and unloaded; any failure is a ModelLoadError naming the file.
+read and checked against the transformer's layers (lightning_file.py), loaded, checked against
+the LoRA layers peft actually created, fused into the weights (no per-step LoRA cost) and
+unloaded; any failure is a ModelLoadError naming the setting and the file.
 The scheduler gets the config of LightX2V's official script (facts.md section 3): for 3 steps
 its sigmas are [1.0, 0.857, 0.6, 0].
 """
@@ -15,7 +16,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from .errors import ModelLoadError
+from . import lightning_file
 
 log = logging.getLogger(__name__)
 ADAPTER = "lightning"
@@ -45,39 +46,28 @@ def lightning_scheduler(base_scheduler: Any) -> Any:
     return FlowMatchEulerDiscreteScheduler.from_config({**base_scheduler.config, **SCHEDULER_CONFIG})
 
 
-def read_lora(path: Path, setting: str = "LORA_PATH") -> dict[str, Any]:
-    """Read a LoRA safetensors file; a missing or unreadable file is a ModelLoadError."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    if not path.is_file():
-        raise ModelLoadError(setting, f"Lightning LoRA file {path} does not exist")
-    try:
-        state = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as err:
-        raise ModelLoadError(setting, f"cannot read {path} as safetensors ({err})") from None
-    if not any(key.endswith((".lora_down.weight", ".lora_A.weight")) for key in state):
-        raise ModelLoadError(setting, f"{path} holds no LoRA weights (no lora_down/lora_A keys)")
-    return state
-
-
 def fuse_lightning(pipe: Any, path: Path, setting: str = "LORA_PATH") -> int:
-    """Load, check, fuse and unload the LoRA at `path`; return the number of layers it changed."""
-    state = read_lora(path, setting)
-    expected = sum(key.endswith((".lora_down.weight", ".lora_A.weight")) for key in state)
+    """Read, check, load, fuse and unload the LoRA at `path`; return the number of layers it changed.
+
+    The file is checked against the transformer first (lightning_file.py: the same check as the block-by-block
+    path), and peft is given only the pairs that match, so both paths fuse the same layers.
+    """
+    lora = lightning_file.read(path, setting, type(pipe))
+    pairs = lora.pairs(lightning_file.linear_shapes(pipe.transformer))
+    state = {f"{lightning_file.PREFIX}{layer}{end}": tensor for layer, pair in pairs.items()
+             for end, tensor in zip(lightning_file.PAIR, pair, strict=True)}
     try:
         pipe.load_lora_weights(state, adapter_name=ADAPTER)
-    except (ValueError, KeyError, RuntimeError) as err:
+    except (ValueError, KeyError, TypeError, RuntimeError) as err:  # checked above; kept for a peft that disagrees
+        if lightning_file.machine_fault(err):
+            raise  # running out of GPU memory, a CUDA error: this machine's, not the file's
         detail = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
-        raise ModelLoadError(setting, f"{path} does not fit this model's transformer ({detail})") from None
+        raise lora.error(f"does not fit this model's transformer ({detail})") from None
     matched = _lora_layers(pipe.transformer)
-    if ADAPTER not in pipe.get_list_adapters().get("transformer", []) or matched == 0:
+    if ADAPTER not in pipe.get_list_adapters().get("transformer", []) or matched != len(pairs):
         pipe.unload_lora_weights()
-        raise ModelLoadError(
-            setting, f"{path} matched no layer of the transformer: is it the Lightning LoRA for this variant?"
-        )
-    if matched < expected:
-        log.warning("Lightning LoRA %s: %d of its %d layers matched the transformer", path, matched, expected)
+        raise lora.error(f"loaded into {matched} layers of the transformer where {len(pairs)} match: is it the "
+                         "Lightning LoRA for this variant?")
     pipe.fuse_lora(lora_scale=1.0, adapter_names=[ADAPTER])
     pipe.unload_lora_weights()
     log.info("Lightning LoRA %s fused into %d layers and unloaded", path.name, matched)

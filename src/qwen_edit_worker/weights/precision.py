@@ -38,6 +38,9 @@ QUANTISED = PRECISIONS[1:]
 MIN_CAPABILITY = {"int8": (8, 0), "fp8": (8, 9)}
 GPU_NAMES = {"int8": "Ampere, Ada or Hopper", "fp8": "Ada or Hopper"}
 TEXT_ENCODER_KEPT = ("model.visual",)  # module prefixes the text encoder keeps in bf16
+# The same modules under the names a checkpoint stores them by: transformers saves Qwen2.5-VL's vision tower as
+# `visual.` (the published Qwen-Image folders; transformers 5's save_pretrained maps `model.visual.` back to it).
+STORED_KEPT = {"text_encoder": ("visual.", "model.visual.")}
 # Stored bytes of one quantised linear weight, as torchao 0.18 saves it: (per element, per output row).
 # int8: int8 qdata, a float32 scale and an int8 zero point per row; fp8: e4m3 qdata, a float32 scale per row.
 STORED_BYTES = {"bf16": (2, 0), "int8": (1, 5), "fp8": (1, 4)}
@@ -101,6 +104,15 @@ def torchao_config(precision: str) -> Any:
 def text_encoder_kept(tied_lm_head: bool) -> list[str]:
     """Text-encoder modules that stay unquantised (transformers' `modules_to_not_convert` form)."""
     return [*TEXT_ENCODER_KEPT, *(["lm_head"] if tied_lm_head else [])]
+
+
+def stored_quantised(component: str, name: str) -> bool:
+    """Whether the linear weight stored as `name` in `component`'s files is one this module quantises.
+
+    Every linear of the transformer; the text encoder's language-model linears and lm_head (a tied lm_head is not
+    stored apart), not its vision tower.  The planner sizes a folder by this (placement/planner.py folder_bytes).
+    """
+    return not name.startswith(STORED_KEPT.get(component, ()))
 
 
 def lm_head_tied(text_encoder: Any) -> bool:
