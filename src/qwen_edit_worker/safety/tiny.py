@@ -10,6 +10,8 @@ logits of those pictures, after the model has run on them; the decision that fol
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 from ..errors import SettingsError
@@ -64,3 +66,17 @@ def _forced(flags: str | frozenset[int]) -> Any:
         return logits
 
     return hook
+
+
+def save(folder: Path) -> Path:
+    """The tiny checker written as the bake lays the real one out (config.json, model.safetensors,
+    preprocessor_config.json), for tests that load a model folder the way a baked image does."""
+    import torch
+
+    checker = build("cpu", torch.float32)
+    checker.model.save_pretrained(folder)
+    (folder / "preprocessor_config.json").write_text(json.dumps(
+        {"image_processor_type": "ViTImageProcessor", "do_resize": True, "resample": 2, "do_rescale": True,
+         "rescale_factor": 1 / 255, "do_normalize": True, "size": {"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+         "image_mean": list(checker.mean), "image_std": list(checker.std)}))
+    return folder
