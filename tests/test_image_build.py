@@ -154,6 +154,10 @@ class TestDockerfile:
         assert "--mount=type=secret,id=hf_token" in DOCKERFILE and "HF_TOKEN" not in " ".join(instructions("ENV"))
         assert "HF_HUB_OFFLINE=1" in " ".join(instructions("ENV"))
         assert instructions("CMD") == ['["python", "-u", "handler.py"]']
+        # the safety checker: baked by default at the bake's pinned commit, and the image's runtime default
+        assert defaults["SAFETY_CHECKER"] == "request" and "SAFETY_CHECKER=${SAFETY_CHECKER}" in DOCKERFILE
+        bake_source = (ROOT / "builder" / "bake.py").read_text()
+        assert f'SAFETY_CHECKER_REVISION = "{defaults["SAFETY_CHECKER_REVISION"]}"' in bake_source
         # the model is baked before the code is copied, so code changes keep the weights layer
         assert DOCKERFILE.index("bake.py --variant") < DOCKERFILE.index("COPY src/ src/")
 
