@@ -88,8 +88,10 @@ def to_model_input(pixels: np.ndarray, size: tuple[int, int], mean: Sequence[flo
 
     array = np.ascontiguousarray(pixels)
     array = array if array.flags.writeable else array.copy()  # torch warns about read-only arrays
-    batch = torch.from_numpy(array).to(device).permute(0, 3, 1, 2).float()
-    batch = functional.interpolate(batch, size=size, mode="bilinear", antialias=True, align_corners=False)
+    batch = torch.from_numpy(array).to(device).permute(0, 3, 1, 2)
+    if batch.device.type != "cpu":
+        batch = batch.float()  # on the GPU, float in and out; on the CPU, the resize has a fast uint8 path (~18x)
+    batch = functional.interpolate(batch, size=size, mode="bilinear", antialias=True, align_corners=False).float()
     shape = (1, 3, 1, 1)
     batch = (batch / 255.0 - torch.tensor(mean, device=device).view(shape)) / torch.tensor(std, device=device).view(
         shape)
