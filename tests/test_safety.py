@@ -9,17 +9,14 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import boto3
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from api_server import free_port
 from conftest import decode_output_image, small_job, tiny_env
 from fake_queue import deployed_worker, serve_queue
 from qwen_edit_worker import placement, safety
@@ -27,8 +24,7 @@ from qwen_edit_worker.errors import ModelLoadError, RequestError
 from qwen_edit_worker.safety import tiny
 from qwen_edit_worker.safety.checker import to_model_input
 from qwen_edit_worker.serving.worker import Worker
-
-KEY_ID, SECRET = "AKIATESTKEY0002", "s3cr3t/Safety+Key"
+from test_outputs import bucket_env, client, s3  # noqa: F401 (s3: the loopback S3 server fixture)
 
 
 def ok(out: dict[str, Any]) -> dict[str, Any]:
@@ -116,31 +112,14 @@ def test_flag_one_of_a_batch_blacks_out_that_one_only(worker_for: Any) -> None:
 
 # ---- the bucket: a flagged picture is never uploaded ----
 
-@pytest.fixture(scope="module")
-def s3() -> Iterator[str]:
-    from moto.server import ThreadedMotoServer
-
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    url = f"http://127.0.0.1:{port}"
-    boto3.client("s3", endpoint_url=url, aws_access_key_id=KEY_ID, aws_secret_access_key=SECRET,
-                 region_name="us-east-1").create_bucket(Bucket="screened")
-    yield url
-    server.stop()
-
-
-def test_a_flagged_picture_never_reaches_the_bucket(s3: str, worker_for: Any) -> None:
+def test_a_flagged_picture_never_reaches_the_bucket(s3: str, worker_for: Any) -> None:  # noqa: F811
     reference = ok(worker_for().handle(small_job(num_images=2, seed=21)))
-    env = {"BUCKET_ENDPOINT_URL": s3, "BUCKET_ACCESS_KEY_ID": KEY_ID, "BUCKET_SECRET_ACCESS_KEY": SECRET,
-           "BUCKET_NAME": "screened", "TINY_SAFETY_FLAGS": "0"}
-    out = ok(Worker(tiny_env(**env)).handle(small_job(num_images=2, seed=21)))
+    out = ok(Worker(bucket_env(s3, TINY_SAFETY_FLAGS="0")).handle(small_job(num_images=2, seed=21)))
     assert out["has_nsfw_concepts"] == [True, False]
-    client = boto3.client("s3", endpoint_url=s3, aws_access_key_id=KEY_ID, aws_secret_access_key=SECRET,
-                          region_name="us-east-1")
+    bucket = client(s3)
     stored = {}
-    for entry in client.list_objects_v2(Bucket="screened")["Contents"]:
-        body = client.get_object(Bucket="screened", Key=entry["Key"])["Body"].read()
+    for entry in bucket.list_objects_v2(Bucket="edits")["Contents"]:  # this module's own server: nothing else
+        body = bucket.get_object(Bucket="edits", Key=entry["Key"])["Body"].read()
         stored[entry["Key"]] = np.asarray(Image.open(io.BytesIO(body)).convert("RGB"))
     assert sorted(stored) == ["test-job/0-21.png", "test-job/1-22.png"]
     flagged = decode_output_image(reference["images"][0])
@@ -169,7 +148,8 @@ def test_deployed_flagged_picture_never_leaves_the_worker(tmp_path: Path, worker
     everything_posted = json.dumps([e.body for e in queue.events if e.body is not None])
     assert flagged_b64 not in everything_posted and flagged_b64[:200] not in everything_posted
     assert results["bad-flag"].body["error"].startswith("input.enable_safety_checker: must be true or false")
-    assert "nsfw 1/2" in (tmp_path / "worker.log").read_text()
+    log = (tmp_path / "worker.log").read_text()
+    assert "nsfw 1/2" in log and flagged_b64[:200] not in log
 
 
 # ---- the checker itself ----
