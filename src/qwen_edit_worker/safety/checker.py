@@ -4,8 +4,9 @@ Why this exists: an app that shows edits to the public needs every returned pict
 the paid Qwen edit services do it (RunPod's public endpoints and fal take `enable_safety_checker`,
 default true).  The model is `Falconsai/nsfw_image_detection`, a ViT-base/16 classifier (labels
 normal / nsfw) run through transformers' ViTForImageClassification; docs/benchmarks.md has the
-measurement that chose it over diffusers' CLIP-based StableDiffusionSafetyChecker (4.5x fewer FLOPs
-and 3.5x fewer bytes; accuracy is not measured here: that needs the real weights).
+measurement that chose it over diffusers' CLIP-based StableDiffusionSafetyChecker (4.6x fewer FLOPs
+and 3.5x fewer bytes, so the 24 GB class keeps its transformer on the GPU; accuracy is not measured
+here: that needs the real weights).
 
 The check runs on the job's pictures as one batch, on the device the model runs on: the uint8
 pixels are resized to the classifier's input (bilinear with antialiasing, as its image processor's
