@@ -4,7 +4,10 @@
 #     [--build-arg FUSE_LIGHTNING=1 --build-arg PRECISION=int8 --build-arg TEXT_ENCODER_PRECISION=int8] \
 #     --secret id=hf_token,env=HF_TOKEN -t <you>/qwen-image-edit:2511 .
 #
-# The slim image (--build-arg BAKE_MODEL=0) bakes only the Lightning LoRA and a manifest; the base model
+# Both images bake the safety checker (Falconsai/nsfw_image_detection, 343 MB, at the pinned
+# SAFETY_CHECKER_REVISION) into /models/<variant>/safety_checker/; --build-arg SAFETY_CHECKER=off bakes none
+# and makes off the worker's default (request and always bake it; the worker's SAFETY_CHECKER defaults to it).
+# The slim image (--build-arg BAKE_MODEL=0) bakes only the Lightning LoRA, the checker and a manifest; the base model
 # comes from RunPod's cached models (set the endpoint's Model field to the variant's repo, e.g.
 # Qwen/Qwen-Image-Edit-2511); the worker finds it under /runpod-volume/huggingface-cache/hub/ on its own.
 # No `# syntax=` line: Docker's built-in Dockerfile frontend (BuildKit) handles the secret mount, and
@@ -62,14 +65,19 @@ ARG FUSE_LIGHTNING=0
 ARG PRECISION=bf16
 ARG TEXT_ENCODER_PRECISION=bf16
 ARG BAKE_MODEL=1
+ARG SAFETY_CHECKER=request
+ARG SAFETY_CHECKER_REVISION=4ea924a80cd71a53597a14eead839aff6942f2c9
 ARG HF_ENDPOINT=https://huggingface.co
 RUN --mount=type=secret,id=hf_token,required=false \
     fuse=""; if [ "${FUSE_LIGHTNING}" = "1" ]; then fuse="--fuse-lightning"; fi \
+    && case "${SAFETY_CHECKER}" in request|always) checker="--safety-checker-revision=${SAFETY_CHECKER_REVISION}";; \
+        off) checker="--no-safety-checker";; \
+        *) echo "SAFETY_CHECKER must be request, always or off, not ${SAFETY_CHECKER}" >&2; exit 2;; esac \
     && case "${BAKE_MODEL}" in 1) slim="";; 0) slim="--lora-only";; \
         *) echo "BAKE_MODEL must be 1 (bake the model) or 0 (the Lightning LoRA only), not ${BAKE_MODEL}" >&2; exit 2;; esac \
     && HF_ENDPOINT="${HF_ENDPOINT}" python /builder/bake.py --variant "${MODEL_VARIANT}" \
         --model-revision "${MODEL_REVISION}" --lora-revision "${LORA_REVISION}" --dest /models \
-        ${fuse:+"$fuse"} ${slim:+"$slim"} \
+        ${fuse:+"$fuse"} ${slim:+"$slim"} "${checker}" \
         --precision "${PRECISION}" --text-encoder-precision "${TEXT_ENCODER_PRECISION}"
 
 ENV MODEL_VARIANT=${MODEL_VARIANT} \
@@ -79,6 +87,7 @@ ENV MODEL_VARIANT=${MODEL_VARIANT} \
     LIGHTNING=1 \
     PRECISION=${PRECISION} \
     TEXT_ENCODER_PRECISION=${TEXT_ENCODER_PRECISION} \
+    SAFETY_CHECKER=${SAFETY_CHECKER} \
     ATTENTION_BACKEND=auto \
     MEMORY_SAVING=auto \
     OFFLOAD=auto \

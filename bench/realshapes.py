@@ -89,3 +89,21 @@ def write_lora(path: Path, model: Any, rank: int = 16, seed: int = 1) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.to(torch.bfloat16) for k, v in state.items()}, str(path))
     return path
+
+
+def safety_checker(device: str, dtype: torch.dtype) -> Any:
+    """The safety checker at its real shape (Falconsai/nsfw_image_detection's config: ViT-base/16 at 224 px),
+    random weights, its classifier biased to flag nothing (as the tiny one), so a job pays the real check's cost."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    from qwen_edit_worker.safety import Checker
+    from qwen_edit_worker.safety import tiny as safety_tiny
+
+    config = ViTConfig(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+                       image_size=224, patch_size=16, id2label={0: "normal", 1: "nsfw"},
+                       label2id={"normal": 0, "nsfw": 1})
+    model = ViTForImageClassification(config).eval()
+    with torch.no_grad():
+        model.classifier.bias.copy_(torch.tensor([safety_tiny.QUIET_BIAS, -safety_tiny.QUIET_BIAS]))
+    model.to(device=device, dtype=dtype)
+    return Checker(model, (224, 224), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), device, dtype, "real shape, random weights")

@@ -27,6 +27,7 @@ import session_results
 from qwen_edit_worker import placement
 from qwen_edit_worker.model import accel, attention, speedups, tiny
 from qwen_edit_worker.model.loader import LoadedModel
+from qwen_edit_worker.safety import tiny as safety_tiny
 from qwen_edit_worker.serving.engine import Editor
 from qwen_edit_worker.serving.worker import WARM_UP_SIZE, WARM_UP_SIZE_TINY, Worker
 from qwen_edit_worker.settings import Settings
@@ -107,7 +108,10 @@ def build_model(settings: Settings, tiny_mode: bool, gpu_bytes: int | None = Non
     if settings.compile == "regional":
         speedups.compile_regional(pipe.transformer)
     gpu_bytes = gpu_bytes or (torch.cuda.get_device_properties(0).total_memory if CUDA else None)
-    plan = placement.plan(_resident(pipe), gpu_bytes, mode=settings.offload if CUDA else "auto")
+    checker = None if settings.safety_checker == "off" else (
+        safety_tiny.build(DEVICE, DTYPE) if tiny_mode else realshapes.safety_checker(DEVICE, DTYPE))
+    sizes = _resident(pipe) | ({} if checker is None else {"safety_checker": checker.resident_bytes()})
+    plan = placement.plan(sizes, gpu_bytes, mode=settings.offload if CUDA else "auto")
     if plan.offload != "none":
         pipe.text_encoder.to("cpu")
     accel.place(pipe, plan.offload, CUDA)
@@ -116,7 +120,7 @@ def build_model(settings: Settings, tiny_mode: bool, gpu_bytes: int | None = Non
     return LoadedModel(pipe=pipe, settings=settings, device=DEVICE, dtype=str(DTYPE).removeprefix("torch."),
                        gpu_name=torch.cuda.get_device_name(0) if CUDA else None, attention=choice, placement=plan,
                        memory_saving=saving, source="tiny" if tiny_mode else "random real-shaped weights",
-                       lora_layers=0)
+                       lora_layers=0, safety=checker)
 
 
 def _resident(pipe: Any) -> dict[str, int]:

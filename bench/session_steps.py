@@ -272,6 +272,9 @@ def cold_start(step: Step) -> None:
         tiny.write_lora(lora)
     else:
         realshapes.write_lora(lora, pipe.transformer)
+    from qwen_edit_worker.safety import tiny as safety_tiny
+
+    safety_tiny.save(folder / "safety_checker")  # the bake's layout; a tiny checker (its cost is not this step's)
     size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
     step.emit("cold_start", build_s=round(built - started, 2), save_s=round(time.perf_counter() - built, 2),
               folder_gb=round(size / 1e9, 3), text_encoder="real width, 1 layer" if not step.tiny else "tiny")

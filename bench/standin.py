@@ -40,11 +40,19 @@ def photo(width: int = 1024, height: int = 1024) -> Image.Image:
 
 
 class StandInModel:
-    """What the worker reads from a loaded model (the job's `model` block, the GPU's name)."""
+    """What the worker reads from a loaded model (the job's `model` block, the GPU's name, the safety checker:
+    the real tiny one on the CPU, flagging nothing, so a job pays for the check as with a model)."""
 
     gpu_name = None
     load_seconds = 0.0
     placement = placement_plan({}, None)  # no GPU: no per-job limit, one batch
+
+    def __init__(self) -> None:
+        import torch
+
+        from qwen_edit_worker.safety import tiny
+
+        self.safety = tiny.build("cpu", torch.float32)
 
     def info(self, steps: int) -> dict[str, Any]:
         return {"variant": "stand-in", "steps": steps, "device": "none", "source": "bench/standin.py"}

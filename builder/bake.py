@@ -9,6 +9,7 @@ leaves a half-written model behind.
 
     python builder/bake.py --variant edit-2511 [--model-revision main] [--lora-revision main] [--dest /models]
         [--fuse-lightning] [--precision bf16|int8|fp8] [--text-encoder-precision bf16|int8|fp8] [--lora-only]
+        [--safety-checker-revision COMMIT | --no-safety-checker]
 
 --lora-only (the slim image, Dockerfile BAKE_MODEL=0) bakes the Lightning LoRA and a manifest and no
 model: the worker then loads the base model from RunPod's cached models (the endpoint's Model field).
@@ -21,9 +22,15 @@ and refuses settings that contradict it.  The fuse and int8 run on a CPU (the tr
 in memory in its stored dtype: ~41 GB of RAM for the real model); torchao makes fp8 weights only on
 a machine with an Ada or Hopper GPU, so without one --precision fp8 is an error (exit 2).
 
+The safety checker (the worker's SAFETY_CHECKER, src/qwen_edit_worker/safety/) is baked too, in both
+images (RunPod's cached models hold one repo per endpoint, so it cannot come from there): the three
+files of Falconsai/nsfw_image_detection the worker loads, at a pinned commit, checked, and listed in
+the manifest's `safety_checker`; --no-safety-checker (Dockerfile SAFETY_CHECKER=off) leaves it out.
+
 Layout (what the worker's MODEL_PATH and LORA_PATH defaults expect):
     <dest>/<variant>/model_index.json, transformer/, text_encoder/, vae/, ...
     <dest>/<variant>/lightning/<the variant's Lightning file>
+    <dest>/<variant>/safety_checker/config.json, model.safetensors, preprocessor_config.json
     <dest>/<variant>/manifest.json
 With --lora-only there is no model_index.json, and the manifest's `model` says `"baked": false`.
 
@@ -48,7 +55,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from verify import BakeError, verify, verify_lora, verify_weights  # builder/verify.py, beside this script
+# builder/verify.py, beside this script
+from verify import BakeError, verify, verify_lora, verify_safety_checker, verify_weights
 
 # In a checkout or install the package is importable; in the image's build stage only the
 # qwen_edit_worker.weights subpackage is copied to /builder/qwen_edit_worker/weights/, beside this
@@ -59,7 +67,10 @@ from qwen_edit_worker.weights.variants import VARIANTS, Variant
 log = logging.getLogger("bake")
 WEIGHT_FORMATS_SKIPPED = (".bin", ".pt", ".pth", ".ckpt", ".onnx", ".msgpack", ".h5", ".gguf", ".pb")
 SKIPPED = ("*.md", "*.png", "*.jpg", "*.jpeg", "*.gif", "*.webp", ".gitattributes", "*.mp4")
-FREE_SPACE_MARGIN = 512 * 1024**2
+FREE_SPACE_MARGIN = 512 * 1024**2  # also covers the safety checker (343 MB)
+SAFETY_CHECKER_REPO = "Falconsai/nsfw_image_detection"  # the worker's safety.REPO (tests/test_bake.py pins it)
+SAFETY_CHECKER_REVISION = "4ea924a80cd71a53597a14eead839aff6942f2c9"  # pinned: the repo's head on 2026-12-01
+SAFETY_CHECKER_FILES = ("config.json", "model.safetensors", "preprocessor_config.json")
 
 
 def select_files(files: dict[str, int], model_index: dict[str, Any],
@@ -92,7 +103,8 @@ def _used_weights(component: str, weights: list[str], files: dict[str, int],
 
 
 def bake(variant: Variant, dest: Path, model_revision: str, lora_revision: str, token: str | None,
-         fuse: bool = False, precision: str = "bf16", text_encoder_precision: str = "bf16") -> Path:
+         fuse: bool = False, precision: str = "bf16", text_encoder_precision: str = "bf16",
+         checker_revision: str | None = SAFETY_CHECKER_REVISION) -> Path:
     from huggingface_hub import HfApi, hf_hub_download
 
     for flag, value in (("--precision", precision), ("--text-encoder-precision", text_encoder_precision)):
@@ -140,6 +152,7 @@ def bake(variant: Variant, dest: Path, model_revision: str, lora_revision: str, 
         fetched.replace(lora)
         _remove_extras(staging, set(files))
         verify(staging, lora)
+        checker = None if checker_revision is None else bake_safety_checker(api, staging, checker_revision, token)
         prepared = None
         if fuse or precision != "bf16" or text_encoder_precision != "bf16":
             try:
@@ -159,6 +172,8 @@ def bake(variant: Variant, dest: Path, model_revision: str, lora_revision: str, 
         }
         if prepared is not None:
             manifest["prepared"] = prepared
+        if checker is not None:
+            manifest["safety_checker"] = checker
         manifest["total_bytes"] = sum(f["bytes"] for f in manifest["files"])
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
         staging.replace(final)
@@ -178,7 +193,30 @@ def _destination(dest: Path, variant: Variant) -> tuple[Path, Path]:
     return final, dest / f".{variant.name}.partial-{os.getpid()}"
 
 
-def bake_lora_only(variant: Variant, dest: Path, lora_revision: str, token: str | None) -> Path:
+def bake_safety_checker(api: Any, staging: Path, revision: str, token: str | None) -> dict[str, Any]:
+    """The safety checker's files into <staging>/safety_checker/, checked; its manifest entry."""
+    from huggingface_hub import hf_hub_download
+
+    info = _info(api, SAFETY_CHECKER_REPO, revision)
+    missing = [f for f in SAFETY_CHECKER_FILES if f not in {s.rfilename for s in info.siblings or []}]
+    if missing:
+        raise BakeError(2, f"{SAFETY_CHECKER_REPO}@{revision} has no {', '.join(missing)}")
+    folder = staging / "safety_checker"
+    for name in SAFETY_CHECKER_FILES:
+        try:
+            hf_hub_download(SAFETY_CHECKER_REPO, name, revision=info.sha, local_dir=folder, token=token)
+        except Exception as err:  # network, HTTP and disk errors all end the bake
+            raise _download_error(SAFETY_CHECKER_REPO, name, err) from None
+    shutil.rmtree(folder / ".cache", ignore_errors=True)
+    verify_safety_checker(folder)
+    log.info("safety checker %s@%s baked (%.0f MB)", SAFETY_CHECKER_REPO, info.sha[:12],
+             sum(p.stat().st_size for p in folder.iterdir()) / 1e6)
+    return {"repo": SAFETY_CHECKER_REPO, "revision": revision, "commit": info.sha,
+            "files": [f"safety_checker/{name}" for name in SAFETY_CHECKER_FILES]}
+
+
+def bake_lora_only(variant: Variant, dest: Path, lora_revision: str, token: str | None,
+                   checker_revision: str | None = SAFETY_CHECKER_REVISION) -> Path:
     """The slim bake: the Lightning LoRA, verified, and a manifest that says the model is not baked."""
     from huggingface_hub import HfApi, hf_hub_download
 
@@ -198,7 +236,8 @@ def bake_lora_only(variant: Variant, dest: Path, lora_revision: str, token: str 
         fetched.replace(lora)
         _remove_extras(staging, set())
         verify_lora(lora)
-        size = lora.stat().st_size
+        checker = None if checker_revision is None else bake_safety_checker(api, staging, checker_revision, token)
+        files = [f"lightning/{variant.lora_basename}", *(checker["files"] if checker else [])]
         manifest = {
             "variant": variant.name,
             "baked_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
@@ -206,13 +245,16 @@ def bake_lora_only(variant: Variant, dest: Path, lora_revision: str, token: str 
                       "from": "RunPod's cached models: the endpoint's Model field set to " + variant.repo},
             "lora": {"repo": variant.lora_repo, "file": variant.lora_file, "revision": lora_revision,
                      "commit": lora_info.sha},
-            "files": [{"path": f"lightning/{variant.lora_basename}", "bytes": size}],
-            "total_bytes": size,
+            "files": [{"path": path, "bytes": (staging / path).stat().st_size} for path in files],
         }
+        if checker is not None:
+            manifest["safety_checker"] = checker
+        manifest["total_bytes"] = sum(f["bytes"] for f in manifest["files"])
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
         staging.replace(final)
         log.info("baked the Lightning LoRA of %s into %s (%.2f MB, no model: it comes from RunPod's cached "
-                 "models, the endpoint's Model field %s)", variant.name, final, size / 1e6, variant.repo)
+                 "models, the endpoint's Model field %s)", variant.name, final, manifest["total_bytes"] / 1e6,
+                 variant.repo)
         return final
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -285,10 +327,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "an Ada/Hopper GPU on the build machine; quantised after the fuse)")
     parser.add_argument("--text-encoder-precision", default="bf16",
                         help="text encoder as stored: bf16, int8 or fp8 (the vision tower stays bf16)")
+    parser.add_argument("--safety-checker-revision", default=SAFETY_CHECKER_REVISION,
+                        help=f"the {SAFETY_CHECKER_REPO} commit or branch to bake (default: the pinned commit)")
+    parser.add_argument("--no-safety-checker", action="store_true",
+                        help="bake no safety checker (the worker then needs SAFETY_CHECKER=off)")
     parser.add_argument("--lora-only", action="store_true",
                         help="the slim image: bake the Lightning LoRA and a manifest, no model (the worker loads "
                         "it from RunPod's cached models)")
     args = parser.parse_args(argv)
+    checker = None if args.no_safety_checker else args.safety_checker_revision
     try:
         if args.variant not in VARIANTS:
             raise BakeError(2, f"unknown variant {args.variant!r}; choose one of {', '.join(VARIANTS)}")
@@ -300,10 +347,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             if prepared:
                 raise BakeError(2, f"--lora-only (BAKE_MODEL=0) bakes no model, so {', '.join(prepared)} has nothing "
                                    "to prepare; leave it at its default or bake the model")
-            bake_lora_only(VARIANTS[args.variant], args.dest, args.lora_revision, read_token(args.token_file))
+            bake_lora_only(VARIANTS[args.variant], args.dest, args.lora_revision, read_token(args.token_file),
+                           checker)
             return 0
         bake(VARIANTS[args.variant], args.dest, args.model_revision, args.lora_revision, read_token(args.token_file),
-             args.fuse_lightning, args.precision.lower(), args.text_encoder_precision.lower())
+             args.fuse_lightning, args.precision.lower(), args.text_encoder_precision.lower(), checker)
     except BakeError as err:
         log.error("%s", err)
         return err.code

@@ -1,5 +1,5 @@
 """Checks on what the bake downloaded: whole safetensors files, a LoRA in the Lightning key form, a
-complete pipeline folder.
+complete pipeline folder, a safety checker the worker can load.
 
 Why this exists: a bake must never leave a truncated or wrong file behind a manifest that vouches
 for it; these checks are what bake.py runs before anything is moved into place.  Pure: no torch.
@@ -80,3 +80,21 @@ def verify_lora(lora: Path) -> None:
     if not keys or bad or not any(k.endswith(("lora_down.weight", "lora_A.weight")) for k in keys):
         raise BakeError(6, f"{lora.name} is not a transformer LoRA in the expected key form "
                            f"(transformer_blocks.N.<module>.lora_down/lora_up/alpha); unexpected: {bad[:3]}")
+
+
+def verify_safety_checker(folder: Path) -> None:
+    """Raise BakeError(6) unless `folder` holds a whole image classifier with an `nsfw` label and its preprocessing."""
+    verify_weights(folder)
+    try:
+        config = json.loads((folder / "config.json").read_text())
+        labels = config["label2id"]
+        processor = json.loads((folder / "preprocessor_config.json").read_text())
+        int(processor["size"]["height"]), int(processor["size"]["width"])
+        if len(processor["image_mean"]) != 3 or len(processor["image_std"]) != 3:
+            raise ValueError("image_mean and image_std need 3 values")
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise BakeError(6, f"the safety checker in {folder.name}/ is incomplete ({type(err).__name__}: {err})"
+                        ) from None
+    if "nsfw" not in labels or "ViTForImageClassification" not in config.get("architectures", []):
+        raise BakeError(6, f"the safety checker in {folder.name}/ is not a ViT nsfw classifier (architectures "
+                           f"{config.get('architectures')}, labels {sorted(labels)})")

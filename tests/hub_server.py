@@ -151,3 +151,27 @@ class Hub:
         req.end_headers()
         if payload:
             req.wfile.write(payload)
+
+
+SAFETY_CHECKER_REPO = "Falconsai/nsfw_image_detection"
+SAFETY_CHECKER_COMMIT = "4ea924a80cd71a53597a14eead839aff6942f2c9"  # builder/bake.py's pinned revision
+SAFETY_CHECKER_JUNK = {"pytorch_model.bin": b"pickle: a duplicate format", "optimizer.pt": b"training state",
+                       "README.md": b"# card"}
+
+
+def safety_checker_repo(folder: Path, labels: tuple[str, str] = ("normal", "nsfw")) -> Repo:
+    """A tiny random ViT classifier laid out as Falconsai/nsfw_image_detection is (config.json,
+    model.safetensors, preprocessor_config.json, and files the bake must skip), served at the pinned
+    commit only: a bake that asks for any other revision gets a 404."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    config = ViTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16,
+                       image_size=224, patch_size=16, id2label=dict(enumerate(labels)),
+                       label2id={name: index for index, name in enumerate(labels)})
+    ViTForImageClassification(config).save_pretrained(folder)
+    (folder / "preprocessor_config.json").write_text(json.dumps(
+        {"do_normalize": True, "do_rescale": True, "do_resize": True, "image_mean": [0.5, 0.5, 0.5],
+         "image_processor_type": "ViTImageProcessor", "image_std": [0.5, 0.5, 0.5], "resample": 2,
+         "rescale_factor": 0.00392156862745098, "size": {"height": 224, "width": 224}}))
+    files = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+    return Repo(files=files | SAFETY_CHECKER_JUNK, commit=SAFETY_CHECKER_COMMIT)

@@ -10,7 +10,6 @@ from typing import Any
 
 from conftest import encode_picture, picture
 from lora_files import FileServer, Route, lora_bytes
-from qwen_edit_worker.schema import FIELDS
 
 EXAMPLES = {name: body for name, body in json.loads(
     (Path(__file__).parent / "runpod_examples.json").read_text()).items() if not name.startswith("_")}
@@ -21,10 +20,7 @@ INPUT = picture(96, 64, seed=21)  # what the example URLs serve here
 
 def example(name: str) -> dict[str, Any]:
     """A fresh copy of one docs example, as sent."""
-    body = copy.deepcopy(EXAMPLES[name])
-    if "enable_safety_checker" not in FIELDS:  # the safety-checker half of issue 22 adds it; until then, left out
-        body["input"].pop("enable_safety_checker", None)
-    return body
+    return copy.deepcopy(EXAMPLES[name])
 
 
 def served(body: dict[str, Any], url: str) -> dict[str, Any]:

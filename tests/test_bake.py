@@ -3,16 +3,18 @@ script (huggingface_hub over HTTP), then loaded offline by the worker; and every
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 from conftest import small_job
-from hub_server import Hub, Repo
+from hub_server import SAFETY_CHECKER_COMMIT, SAFETY_CHECKER_JUNK, SAFETY_CHECKER_REPO, Hub, Repo, safety_checker_repo
 from qwen_edit_worker.model import tiny
 from qwen_edit_worker.serving.worker import Worker
 from qwen_edit_worker.weights.variants import VARIANTS
@@ -45,10 +47,17 @@ def lora_bytes(tmp_path_factory: pytest.TempPathFactory) -> bytes:
     return tiny.write_lora(tmp_path_factory.mktemp("lora") / "l.safetensors").read_bytes()
 
 
+@functools.cache
+def checker_repo() -> Repo:
+    """The safety checker's repo (a tiny ViT), built once per test session."""
+    return safety_checker_repo(Path(tempfile.mkdtemp(prefix="safety-checker-repo-")))
+
+
 def repos(model: dict[str, bytes], lora: bytes, **model_options: object) -> dict[str, Repo]:
     return {VARIANT.repo: Repo(files=dict(model), **model_options),  # type: ignore[arg-type]
             VARIANT.lora_repo: Repo(files={VARIANT.lora_file: lora, "README.md": b"card"},
-                                    commit="fedcba9876543210fedcba9876543210fedcba98")}
+                                    commit="fedcba9876543210fedcba9876543210fedcba98"),
+            SAFETY_CHECKER_REPO: checker_repo()}
 
 
 def bake(hub: Hub, dest: Path, *args: str, token: str | None = None) -> subprocess.CompletedProcess[str]:
@@ -82,6 +91,14 @@ def test_bake_round_trip_then_worker_loads_it_offline(tmp_path: Path, tiny_repo:
     for junk in JUNK:
         assert not (folder / junk).exists(), junk
     assert (folder / "lightning" / VARIANT.lora_basename).read_bytes() == lora_bytes
+    # The safety checker: the three files the worker loads, at the pinned commit (the hub serves no other).
+    assert manifest["safety_checker"] == {"repo": SAFETY_CHECKER_REPO, "revision": SAFETY_CHECKER_COMMIT,
+                                          "commit": SAFETY_CHECKER_COMMIT, "files": [
+                                              "safety_checker/config.json", "safety_checker/model.safetensors",
+                                              "safety_checker/preprocessor_config.json"]}
+    assert sorted(p.name for p in (folder / "safety_checker").iterdir()) == [
+        "config.json", "model.safetensors", "preprocessor_config.json"]
+    assert not any((folder / "safety_checker" / junk).exists() for junk in SAFETY_CHECKER_JUNK)
     assert not any(p.name.startswith(".") for p in dest.iterdir())
 
     worker = Worker({"MODEL_PATH": str(folder), "WARMUP": "0"})  # the hub is gone: loading is offline
@@ -90,6 +107,43 @@ def test_bake_round_trip_then_worker_loads_it_offline(tmp_path: Path, tiny_repo:
     assert result["model"]["source"] == str(folder)
     assert result["model"]["manifest"] == {"model": f"{VARIANT.repo}@0123456789ab",
                                            "lora": f"{VARIANT.lora_repo}@fedcba987654"}
+    assert result["model"]["safety_checker"]["model"] == f"{SAFETY_CHECKER_REPO}@{SAFETY_CHECKER_COMMIT[:12]}"
+    assert len(result["has_nsfw_concepts"]) == 1  # the baked (random) classifier answered for the one picture
+    assert result["timing"]["safety_ms"] > 0
+
+
+def test_the_bake_and_the_worker_name_the_same_checker() -> None:
+    from qwen_edit_worker import safety
+
+    assert SAFETY_CHECKER_REPO == safety.REPO
+    source = (ROOT / "builder" / "bake.py").read_text()
+    assert f'SAFETY_CHECKER_REPO = "{safety.REPO}"' in source
+    assert f'SAFETY_CHECKER_REVISION = "{SAFETY_CHECKER_COMMIT}"' in source
+
+
+def test_without_a_checker_the_worker_needs_safety_checker_off(tmp_path: Path, tiny_repo: dict[str, bytes],
+                                                             lora_bytes: bytes) -> None:
+    dest = tmp_path / "models"
+    with Hub(repos(tiny_repo, lora_bytes)) as hub:
+        out = bake(hub, dest, "--variant", "edit-2511", "--no-safety-checker")
+    assert out.returncode == 0, out.stderr
+    folder = dest / "edit-2511"
+    assert not (folder / "safety_checker").exists()
+    assert "safety_checker" not in json.loads((folder / "manifest.json").read_text())
+    error = Worker({"MODEL_PATH": str(folder), "WARMUP": "0"}).handle(small_job())["error"]
+    assert error.startswith("SAFETY_CHECKER: no safety checker is baked") and "SAFETY_CHECKER=off" in error
+    result = Worker({"MODEL_PATH": str(folder), "WARMUP": "0", "SAFETY_CHECKER": "off"}).handle(small_job())
+    assert "error" not in result and "has_nsfw_concepts" not in result
+
+
+def test_a_checker_that_is_not_an_nsfw_classifier_fails_verification(tmp_path: Path, tiny_repo: dict[str, bytes],
+                                                                    lora_bytes: bytes) -> None:
+    hub_repos = repos(tiny_repo, lora_bytes)
+    hub_repos[SAFETY_CHECKER_REPO] = safety_checker_repo(tmp_path / "cats", ("cat", "dog"))
+    with Hub(hub_repos) as hub:
+        out = bake(hub, tmp_path / "models", "--variant", "edit-2511")
+    assert out.returncode == 6 and "is not a ViT nsfw classifier" in out.stderr, out.stderr
+    assert no_leftovers(tmp_path / "models")
 
 
 @pytest.mark.parametrize(("options", "token", "code", "message"), [
@@ -173,10 +227,13 @@ class TestSlimBake:
         assert out.returncode == 0, out.stderr
         folder = dest / "edit-2511"
         assert sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()) == [
-            f"lightning/{VARIANT.lora_basename}", "manifest.json"]
+            f"lightning/{VARIANT.lora_basename}", "manifest.json", "safety_checker/config.json",
+            "safety_checker/model.safetensors", "safety_checker/preprocessor_config.json"]
         manifest = json.loads((folder / "manifest.json").read_text())
         assert manifest["model"]["baked"] is False and manifest["model"]["repo"] == VARIANT.repo
-        assert manifest["total_bytes"] == len(lora_bytes)
+        assert manifest["safety_checker"]["commit"] == SAFETY_CHECKER_COMMIT
+        assert manifest["total_bytes"] == sum((folder / f["path"]).stat().st_size for f in manifest["files"])
+        assert manifest["files"][0] == {"path": f"lightning/{VARIANT.lora_basename}", "bytes": len(lora_bytes)}
 
         monkeypatch.setattr(sources, "BAKED_ROOT", dest)
         monkeypatch.setattr(sources, "RUNPOD_CACHE", tmp_path / "cache")
@@ -193,6 +250,9 @@ class TestSlimBake:
         assert result["model"]["source"] == str(snapshot)
         assert result["model"]["manifest"] == {"model": f"{VARIANT.repo}@{commit[:12]}",
                                                "lora": f"{VARIANT.lora_repo}@fedcba987654"}
+        # The checker comes from the slim image, beside the LoRA (the cache holds only the model's repo).
+        assert result["model"]["safety_checker"]["model"] == f"{SAFETY_CHECKER_REPO}@{SAFETY_CHECKER_COMMIT[:12]}"
+        assert "has_nsfw_concepts" in result
 
     def test_another_variants_cache_is_named(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         from qwen_edit_worker.errors import ModelLoadError

@@ -54,7 +54,8 @@ def test_overhead() -> None:
     assert out.returncode == 0, out.stderr[-2000:]
     stages = {r["stage"]: r for r in json.loads(out.stdout)["rows"]}
     assert {"input: base64 JPEG -> RGB", "output: RGB -> png -> base64", "whole job, fixed model (png)",
-            "end to end, local API: 1 MP PNG in, 1 MP PNG out"} <= set(stages)
+            "end to end, local API: 1 MP PNG in, 1 MP PNG out", "safety check: 1 MP picture, tiny checker (CPU)"
+            } <= set(stages)
     assert all(r["worker_ms"] > 0 and r["bare_ms"] > 0 for r in stages.values())
     end_to_end = stages["end to end, local API: 1 MP PNG in, 1 MP PNG out"]
     assert end_to_end["ratio"] == pytest.approx(end_to_end["worker_ms"] / end_to_end["bare_ms"], abs=0.001)

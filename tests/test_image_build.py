@@ -23,7 +23,7 @@ DOCKERFILE = (ROOT / "Dockerfile").read_text()
 HUB = json.loads((ROOT / "hub.json").read_text())
 TESTS = json.loads((ROOT / "tests.json").read_text())
 # Test aids: settings for tests and docs, never offered to someone deploying the template (issue 18).
-TEST_AIDS = {"TINY_MODEL", "ALLOW_LOOPBACK_URLS"}
+TEST_AIDS = {"TINY_MODEL", "ALLOW_LOOPBACK_URLS", "TINY_SAFETY_FLAGS"}
 # Measured by tests/test_image_run.py (docs/deploy.md "Size budget"): the image without weights on the
 # Debian stand-in base (6.60 GB: Python layer 6.19 GB, of which nvidia-* wheels 3.36 GB) plus the
 # CUDA base (derived, not pulled: nvidia/cuda:12.8.1-base-ubuntu24.04, under 0.5 GB).
@@ -154,6 +154,10 @@ class TestDockerfile:
         assert "--mount=type=secret,id=hf_token" in DOCKERFILE and "HF_TOKEN" not in " ".join(instructions("ENV"))
         assert "HF_HUB_OFFLINE=1" in " ".join(instructions("ENV"))
         assert instructions("CMD") == ['["python", "-u", "handler.py"]']
+        # the safety checker: baked by default at the bake's pinned commit, and the image's runtime default
+        assert defaults["SAFETY_CHECKER"] == "request" and "SAFETY_CHECKER=${SAFETY_CHECKER}" in DOCKERFILE
+        bake_source = (ROOT / "builder" / "bake.py").read_text()
+        assert f'SAFETY_CHECKER_REVISION = "{defaults["SAFETY_CHECKER_REVISION"]}"' in bake_source
         # the model is baked before the code is copied, so code changes keep the weights layer
         assert DOCKERFILE.index("bake.py --variant") < DOCKERFILE.index("COPY src/ src/")
 

@@ -5,7 +5,9 @@ Only build args change: the Debian stand-in base through CUDA_IMAGE (no registry
 PyPI's CUDA 13 torch through TORCH_INDEX_URL and TORCH_CUDA, and the bake pointed through
 HF_ENDPOINT at a loopback hub serving a tiny model behind a token, passed as a BuildKit secret.
 Two images share every layer up to the bake: the full one (the tiny model baked) and the slim one
-(BAKE_MODEL=0: the Lightning LoRA only; the model from RunPod's cache mounted at /runpod-volume).
+(BAKE_MODEL=0: the Lightning LoRA only; the model from RunPod's cache mounted at /runpod-volume).  Both
+bake the safety checker (a tiny classifier served as Falconsai/nsfw_image_detection at the pinned commit)
+and answer with it.
 
 What broke before: nothing had ever built the image; the Dockerfile's `# syntax=` line needs a
 registry, and the bake could not be pointed at any hub but huggingface.co.
@@ -25,7 +27,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +38,7 @@ import requests
 import docker_env
 from api_server import free_port
 from fake_queue import FakeQueue, serve_queue
-from hub_server import Hub, Repo
+from hub_server import SAFETY_CHECKER_COMMIT, SAFETY_CHECKER_REPO, Hub, Repo, safety_checker_repo
 from qwen_edit_worker.model import tiny
 from qwen_edit_worker.weights.variants import VARIANTS
 
@@ -47,6 +49,7 @@ VARIANT = VARIANTS["edit-2511"]  # the Dockerfile's default MODEL_VARIANT
 MODEL_COMMIT = "0123456789abcdef0123456789abcdef01234567"
 LORA_COMMIT = "fedcba9876543210fedcba9876543210fedcba98"
 CACHE_COMMIT = "5eed5eed5eed5eed5eed5eed5eed5eed5eed5eed"
+CHECKER = f"{SAFETY_CHECKER_REPO}@{SAFETY_CHECKER_COMMIT[:12]}"
 TESTS = json.loads((ROOT / "tests.json").read_text())["tests"]
 JOB_TIMEOUT = 900  # seconds for a container to start and answer its jobs on 2 shared cores
 # What RunPod's platform sets besides the webhooks; the SDK's start-up checks need a GPU and the internet.
@@ -80,7 +83,8 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Built]:
     model_files = tiny_model_files(work / "tiny-model")
     lora = tiny.write_lora(work / "lightning.safetensors").read_bytes()
     repos = {VARIANT.repo: Repo(files=model_files, commit=MODEL_COMMIT, token=token),
-             VARIANT.lora_repo: Repo(files={VARIANT.lora_file: lora}, commit=LORA_COMMIT, token=token)}
+             VARIANT.lora_repo: Repo(files={VARIANT.lora_file: lora}, commit=LORA_COMMIT, token=token),
+             SAFETY_CHECKER_REPO: replace(safety_checker_repo(work / "safety-checker"), token=token)}
     secret = work / "hf_token"
     secret.write_text(token)
     with docker_env.Daemon(docker_env.CACHE / "docker") as daemon, Hub(repos) as hub:
@@ -180,6 +184,8 @@ class TestBakedImage:
                 assert output["model"]["source"] == f"/models/{VARIANT.name}"
                 assert output["model"]["manifest"] == {"model": f"{VARIANT.repo}@{MODEL_COMMIT[:12]}",
                                                        "lora": f"{VARIANT.lora_repo}@{LORA_COMMIT[:12]}"}
+                assert output["model"]["safety_checker"]["model"] == CHECKER  # the baked checker screened it
+                assert len(output["has_nsfw_concepts"]) == len(output["images"]) and output["timing"]["safety_ms"] > 0
                 steps = sorted(e.body["output"]["step"] for e in queue.of("progress", job["id"]))
                 assert steps == [1, 2, 3], (case["name"], steps)
             assert results["bad"]["error"].startswith("input.num_images: must be a whole number from 1 to 4")
@@ -250,10 +256,12 @@ class TestBakedImage:
 
 
 class TestSlimImage:
-    def test_bakes_only_the_lightning_lora_and_a_manifest(self, built: Built) -> None:
+    def test_bakes_only_the_lightning_lora_the_safety_checker_and_a_manifest(self, built: Built) -> None:
         found = run_once(built, "--entrypoint", "find", built.slim, "/models", "-type", "f").stdout.decode().split()
         assert sorted(found) == [f"/models/{VARIANT.name}/lightning/{VARIANT.lora_basename}",
-                                 f"/models/{VARIANT.name}/manifest.json"]
+                                 f"/models/{VARIANT.name}/manifest.json",
+                                 *(f"/models/{VARIANT.name}/safety_checker/{name}" for name in (
+                                     "config.json", "model.safetensors", "preprocessor_config.json"))]
 
     def test_answers_from_runpods_model_cache_at_runpod_volume(self, built: Built) -> None:
         volume = built.work / "runpod-volume"
@@ -270,6 +278,8 @@ class TestSlimImage:
             assert model["source"] == f"/runpod-volume/huggingface-cache/hub/{repo.name}/snapshots/{CACHE_COMMIT}"
             assert model["manifest"] == {"model": f"{VARIANT.repo}@{CACHE_COMMIT[:12]}",
                                          "lora": f"{VARIANT.lora_repo}@{LORA_COMMIT[:12]}"}
+            assert model["safety_checker"]["model"] == CHECKER  # baked in the slim image, beside the LoRA
+            assert "has_nsfw_concepts" in body["output"]
 
     def test_without_the_cache_every_job_gets_one_clear_error(self, built: Built) -> None:
         with serve_queue() as queue, container(built, built.slim, queue) as name:

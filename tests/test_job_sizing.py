@@ -218,6 +218,7 @@ def tiny_folder(tmp_path_factory: pytest.TempPathFactory) -> Any:
     import diffusers
 
     from qwen_edit_worker.model import tiny
+    from qwen_edit_worker.safety import tiny as safety_tiny
     from qwen_edit_worker.weights.variants import VARIANTS
 
     variant = VARIANTS["edit-2511"]
@@ -225,6 +226,7 @@ def tiny_folder(tmp_path_factory: pytest.TempPathFactory) -> Any:
     getattr(diffusers, variant.pipeline_class)(**tiny.build_components(variant, tiny.base_scheduler())
                                                ).save_pretrained(folder)
     tiny.write_lora(folder / "lightning" / variant.lora_basename)
+    safety_tiny.save(folder / "safety_checker")
     return folder
 
 

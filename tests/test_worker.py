@@ -28,10 +28,11 @@ class TestEdits:
     @pytest.mark.parametrize("variant", VARIANTS)
     def test_each_variant_end_to_end(self, worker_for: WorkerFor, variant: str) -> None:
         out = ok(worker_for(variant).handle(small_job(seed=11)))
-        assert set(out) == {"images", "image_url", "seed", "timing", "cost", "model", "warnings"}
+        assert set(out) == {"images", "image_url", "seed", "timing", "cost", "model", "warnings", "has_nsfw_concepts"}
+        assert out["has_nsfw_concepts"] == [False]
         [item] = out["images"]
-        assert {k: item[k] for k in ("type", "format", "width", "height", "seed")} == {
-            "type": "base64", "format": "png", "width": 64, "height": 64, "seed": 11}
+        assert {k: item[k] for k in ("type", "format", "width", "height", "seed", "nsfw")} == {
+            "type": "base64", "format": "png", "width": 64, "height": 64, "seed": 11, "nsfw": False}
         assert decode_output_image(item).shape == (64, 64, 3)
         assert out["seed"] == 11 and out["warnings"] == []
         assert out["model"] == {"variant": variant, "lightning": True, "steps": 3, "attention_backend": "native",
@@ -44,7 +45,9 @@ class TestEdits:
                                               "max_megapixels": None, "batched_images": None,
                                               "reason": "no GPU: every component runs on the CPU"},
                                 "dtype": "float32", "device": "cpu",
-                                "source": "tiny", "manifest": None, "loras": []}
+                                "source": "tiny", "manifest": None, "loras": [],
+                                "safety_checker": {"model": "tiny", "device": "cpu", "input": [224, 224],
+                                                   "threshold": 0.5}}
 
     @pytest.mark.parametrize("variant", ["edit-2509", "edit-2511"])
     def test_multi_image_on_edit_plus(self, worker_for: WorkerFor, variant: str) -> None:
@@ -185,15 +188,19 @@ class TestLoading:
         import diffusers
 
         from qwen_edit_worker.model import tiny
+        from qwen_edit_worker.safety import tiny as safety_tiny
         from qwen_edit_worker.weights.variants import VARIANTS as TABLE
 
         variant = TABLE["edit-2509"]
         pipe = getattr(diffusers, variant.pipeline_class)(**tiny.build_components(variant, tiny.base_scheduler()))
         pipe.save_pretrained(tmp_path / "model")
         tiny.write_lora(tmp_path / "model" / "lightning" / variant.lora_basename)
+        safety_tiny.save(tmp_path / "model" / "safety_checker")  # where the bake puts the checker
         worker = Worker({"MODEL_PATH": str(tmp_path / "model"), "MODEL_VARIANT": "edit-2509", "WARMUP": "0"})
         out = ok(worker.handle(small_job()))
         assert out["model"]["source"] == str(tmp_path / "model") and out["images"][0]["width"] == 64
+        assert out["model"]["safety_checker"]["model"] == str(tmp_path / "model" / "safety_checker")
+        assert out["has_nsfw_concepts"] == [False]  # loaded from the folder, biased to flag nothing
         assert worker.model.get()[0].model.lora_layers == len(tiny.LORA_MODULES) * tiny.NUM_LAYERS
 
 
@@ -208,7 +215,7 @@ def test_damaged_weights_name_the_folder(tmp_path: Path) -> None:
     pipe.save_pretrained(tmp_path)
     weights = tmp_path / "transformer" / "diffusion_pytorch_model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
-    worker = Worker({"MODEL_PATH": str(tmp_path), "MODEL_VARIANT": "edit", "WARMUP": "0"})
+    worker = Worker({"MODEL_PATH": str(tmp_path), "MODEL_VARIANT": "edit", "WARMUP": "0", "SAFETY_CHECKER": "off"})
     for _ in range(2):
         error = worker.handle(small_job())["error"]
         assert error.startswith(f"MODEL_PATH: cannot load the pipeline from {tmp_path}: ")

@@ -23,7 +23,7 @@ OUTPUT_FORMATS = ("png", "jpeg", "webp")
 FIELDS = (
     "prompt", "image", "images", "negative_prompt", "size", "seed", "num_inference_steps",
     "true_cfg_scale", "megapixels", "width", "height", "num_images", "output_format",
-    "output_quality", "loras",
+    "output_quality", "loras", "enable_safety_checker",
 )
 
 
@@ -61,6 +61,7 @@ class EditRequest:
     output_format: str
     output_quality: int
     loras: tuple[LoraItem, ...] = ()  # request-time LoRAs (loras/request.py), applied on top of Lightning
+    enable_safety_checker: bool | None = None  # None: not given (SAFETY_CHECKER decides; safety/policy.py)
 
     def sources(self) -> list[tuple[str, str]]:
         """(source, field name for errors) per picture: input.image, or input.images[i]."""
@@ -112,6 +113,7 @@ def parse_request(raw: Any, variant: Variant, defaults: ModelDefaults, max_loras
         output_format=fmt,
         output_quality=_integer(raw, "output_quality", 95, 1, 100),
         loras=parse_loras(raw.get("loras"), max_loras),
+        enable_safety_checker=_boolean(raw, "enable_safety_checker"),
     )
 
 
@@ -132,6 +134,13 @@ def _image_sources(raw: Mapping[str, Any], variant: Variant) -> tuple[tuple[str,
     if not isinstance(items, list) or not 1 <= len(items) <= variant.max_images:
         raise RequestError("input.images", f"must be a list of 1 to {variant.max_images} images")
     return tuple(_source(item, f"input.images[{i}]") for i, item in enumerate(items)), "input.images"
+
+
+def _boolean(raw: Mapping[str, Any], name: str) -> bool | None:
+    value = raw.get(name)
+    if value is not None and not isinstance(value, bool):
+        raise RequestError(f"input.{name}", f"must be true or false (got {describe(value)})")
+    return value
 
 
 def _source(value: Any, field: str) -> str:

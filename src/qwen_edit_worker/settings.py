@@ -15,6 +15,9 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from .errors import SettingsError
+from .safety.policy import DEFAULT_MODE as SAFETY_DEFAULT
+from .safety.policy import MODES as SAFETY_MODES
+from .safety.tiny import parse_flags
 from .weights.precision import PRECISION_SETTINGS, PRECISIONS
 from .weights.variants import DEFAULT_VARIANT, VARIANTS, Variant
 
@@ -59,6 +62,12 @@ SETTINGS: dict[str, tuple[str, str]] = {
     "BUCKET_SECRET_ACCESS_KEY": ("", "the bucket's secret key (never logged)"),
     "BUCKET_NAME": ("", "bucket to upload to; empty: RunPod's default, named by month (MM-YY)"),
     "LOG_LEVEL": ("INFO", "DEBUG | INFO | WARNING | ERROR"),
+    # The safety checker (src/qwen_edit_worker/safety/).
+    "SAFETY_CHECKER": (SAFETY_DEFAULT, "off (nothing loaded or baked) | request (input.enable_safety_checker decides, "
+                                       "default true) | always (every picture checked; a caller's false is refused); "
+                                       "a flagged picture comes back black"),
+    "TINY_SAFETY_FLAGS": ("none", "test aid with TINY_MODEL=1: which pictures the tiny safety checker flags: none | "
+                                  "all | batch indexes such as 0,2"),
     # Request-time LoRAs (input.loras; src/qwen_edit_worker/loras/).
     "MAX_LORAS": ("3", "most LoRAs one job may ask for (0 to 8; 0 turns input.loras off)"),
     "LORA_MAX_BYTES": ("2000000000", "largest LoRA file fetched or read, in bytes (a download stops at the cap)"),
@@ -112,6 +121,8 @@ class Settings:
     bucket_secret_access_key: str = field(repr=False)
     bucket_name: str
     log_level: str
+    safety_checker: str
+    tiny_safety_flags: str | frozenset[int]
     max_loras: int
     lora_max_bytes: int
     lora_dir: Path | None  # None: no LORA_DIR (a local name in input.loras is then an error)
@@ -169,6 +180,8 @@ class Settings:
             bucket_secret_access_key=raw("BUCKET_SECRET_ACCESS_KEY"),
             bucket_name=raw("BUCKET_NAME"),
             log_level=_choice("LOG_LEVEL", raw("LOG_LEVEL").upper(), LOG_LEVELS),
+            safety_checker=_choice("SAFETY_CHECKER", raw("SAFETY_CHECKER").lower(), SAFETY_MODES),
+            tiny_safety_flags=parse_flags(raw("TINY_SAFETY_FLAGS")),
             max_loras=_int_in("MAX_LORAS", raw("MAX_LORAS"), 0, MAX_MAX_LORAS),
             lora_max_bytes=_positive_int("LORA_MAX_BYTES", raw("LORA_MAX_BYTES")),
             lora_dir=_lora_dir(raw("LORA_DIR"), RUNPOD_VOLUME),
@@ -198,6 +211,8 @@ class Settings:
                 out[f.name] = "(set)" if getattr(self, f.name) else "(empty)"
                 continue
             value = getattr(self, f.name)
+            if isinstance(value, frozenset):
+                value = sorted(value)
             out[f.name] = value.name if isinstance(value, Variant) else str(value) if isinstance(value, Path) else value
         return out
 

@@ -2,7 +2,7 @@
 
 Why this exists: what an edit costs is the GPU's price per second times the job's seconds, so
 people need to see every stage (inputs, request LoRAs (fetch and activation), text encoding,
-VAE encoding, denoising, decoding, outputs), plus `queue`, the time a job waited for the GPU while
+VAE encoding, denoising, decoding, the safety check, outputs), plus `queue`, the time a job waited for the GPU while
 the job ahead of it ran (CONCURRENCY above 1), which its cost leaves out.  GPU work is asynchronous, so on CUDA the
 clock is read only after synchronising (`sync`), otherwise a stage's time would land in
 whichever later stage waits for the GPU.  Pure: the synchronise function is injected; no torch import here.
@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 # The parts of a job's time, in order; they do not overlap, so they add up to no more than the total.
-STAGES = ("inputs", "lora", "queue", "text_encode", "vae_encode", "denoise", "decode", "outputs")
+STAGES = ("inputs", "lora", "queue", "text_encode", "vae_encode", "denoise", "decode", "safety", "outputs")
 
 
 class StageClock:

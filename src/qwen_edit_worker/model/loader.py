@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .. import placement
+from .. import placement, safety
 from ..errors import ModelLoadError
 from ..settings import Settings
 from ..weights import int8_mm, lightning, lightning_file, precision
@@ -46,6 +46,8 @@ class LoadedModel:
     lightning_fused: str | None = None  # where the Lightning LoRA was fused: "bake", "load", or None (base model)
     quantised: dict[str, Any] = field(default_factory=dict)  # component -> where and how long, when done at load
     load_seconds: float = 0.0
+    safety: safety.Checker | None = None  # SAFETY_CHECKER off: None
+
 
     def info(self, steps: int) -> dict[str, Any]:
         """The job output's `model` block."""
@@ -68,6 +70,7 @@ class LoadedModel:
             "device": self.device,
             "source": self.source,
             "manifest": self.manifest,
+            "safety_checker": None if self.safety is None else self.safety.info(),
         }
 
 
@@ -95,8 +98,11 @@ def load_model(settings: Settings) -> LoadedModel:
     _check_precisions(settings, source, cuda, capability)
     int8_mm.install()  # int8 layers, quantised here or in the bake, never read back to the host (weights/int8_mm.py)
     gpu_bytes = torch.cuda.get_device_properties(0).total_memory if cuda else None
+    # Fails now when SAFETY_CHECKER needs a baked checker and there is none; None: off, or the tiny model's own.
+    checker_folder = None if source is None else safety.locate_for(
+        settings.safety_checker, source.path, sources.BAKED_ROOT, settings.variant.name, source.lightning_dir)
     # Decided from the safetensors headers before any weight is read (the tiny model: after building).
-    plan = None if source is None else _plan(settings, source.path, gpu_bytes)
+    plan = None if source is None else _plan(settings, source.path, gpu_bytes, checker_folder)
     stored = None if source is None else placement.model_bytes(source.path, "bf16", "bf16")  # as on disk, in bf16
     straight = plan is not None and plan.offload == "none" and _stored_fits(stored, gpu_bytes)
     resident = plan is None or plan.offload in ("none", "text_encoder")
@@ -111,8 +117,10 @@ def load_model(settings: Settings) -> LoadedModel:
     # When everything fits as stored, weights are read straight onto the device (no CPU copy).
     pipe = _build_pipeline(settings, source, dtype, device if straight or not cuda else None,
                            None if early is None else early[0], None if encoder is None else encoder[0])
+    checker = safety.load_for(settings.safety_checker, checker_folder, device, dtype, settings.tiny_safety_flags)
     if plan is None:
-        plan = placement.plan(_resident_bytes(pipe), gpu_bytes, settings.offload, **_plan_options(settings, gpu_bytes))
+        plan = placement.plan(_resident_bytes(pipe, checker), gpu_bytes, settings.offload,
+                              **_plan_options(settings, gpu_bytes))
         resident = plan.offload in ("none", "text_encoder")
     if early is None and cuda and not straight and _transformer_fits(stored, gpu_bytes):
         pipe.transformer.to(device)  # fuse and quantise on the GPU; the placement below takes it from there
@@ -142,7 +150,7 @@ def load_model(settings: Settings) -> LoadedModel:
         pipe=pipe, settings=settings, device=device, dtype=str(dtype).removeprefix("torch."), gpu_name=gpu_name,
         attention=chosen, placement=plan, memory_saving=saving, source="tiny" if source is None else str(source.path),
         lora_layers=lora_layers, manifest=None if source is None else source.manifest(), lightning_fused=fused_at,
-        quantised=quantised,
+        quantised=quantised, safety=checker,
     )
     model.load_seconds = time.perf_counter() - started
     log.info(
@@ -216,9 +224,9 @@ def _check_folder(path: Path) -> None:
         raise ModelLoadError("MODEL_PATH", f"{path} {reason}; bake the model into the image or point MODEL_PATH at it")
 
 
-def _plan(settings: Settings, path: Path, gpu_bytes: int | None) -> placement.Plan:
+def _plan(settings: Settings, path: Path, gpu_bytes: int | None, checker: Path | None) -> placement.Plan:
     """The placement for the folder's components at the precisions they will run in; logged with its numbers."""
-    sizes = placement.model_bytes(path, settings.precision, settings.text_encoder_precision)
+    sizes = placement.model_bytes(path, settings.precision, settings.text_encoder_precision, checker)
     plan = placement.plan(sizes, gpu_bytes, settings.offload, **_plan_options(settings, gpu_bytes))
     log.info("placement: offload=%s (%s); component GB: %s", plan.offload, plan.reason,
              ", ".join(f"{k}={v / placement.GB:.1f}" for k, v in sizes.items()))
@@ -265,10 +273,12 @@ def _component_fits(stored: dict[str, int] | None, component: str, gpu_bytes: in
     return stored is None or stored[component] + placement.RESERVE_BYTES <= gpu_bytes
 
 
-def _resident_bytes(pipe: Any) -> dict[str, int]:
-    """Bytes of each component's parameters and buffers as they sit in memory now."""
-    return {name: sum(t.numel() * t.element_size() for t in (*part.parameters(), *part.buffers()))
-            for name in placement.COMPONENTS if (part := getattr(pipe, name, None)) is not None}
+def _resident_bytes(pipe: Any, checker: safety.Checker | None) -> dict[str, int]:
+    """Bytes of each component's parameters and buffers (and the safety checker's) as they sit in memory now."""
+    sizes = {name: sum(t.numel() * t.element_size() for t in (*part.parameters(), *part.buffers()))
+             for name in placement.COMPONENTS if (part := getattr(pipe, name, None)) is not None}
+    return sizes if checker is None else sizes | {"safety_checker": checker.resident_bytes()}
+
 
 
 # --- Lightning and precision: what the bake already did is skipped, the rest is done here. ---

@@ -47,6 +47,8 @@ MAX_API_MEGAPIXELS = 4.0  # explicit width x height up to 2048 x 2048
 MAX_API_IMAGES = 4
 MODES = ("none", "text_encoder", "model", "group")  # fastest first
 COMPONENTS = ("transformer", "text_encoder", "vae")
+# Small models that stay on the GPU in every placement (the safety checker, ~0.17 GB in bf16: safety/).
+ALWAYS_RESIDENT = ("safety_checker",)
 PHASES = ("text", "denoise", "decode")
 # The real model's component sizes, as `bench/gpu --bytes` counts them from the real configs (20.430 B,
 # 8.292 B and 0.127 B parameters): bf16 is 2 bytes a parameter; int8/fp8 is 1 byte a quantised linear
@@ -137,18 +139,23 @@ def phase_weights(mode: str, sizes: Mapping[str, int]) -> dict[str, int]:
     def window(name: str) -> int:
         return min(sizes.get(name, 0), STREAM_WINDOW_BYTES[name])
 
-    return {
+    weights = {
         "none": {"text": t + te + vae, "denoise": t + te + vae, "decode": t + te + vae},
         "text_encoder": {"text": t + vae + window("text_encoder"), "denoise": t + vae, "decode": t + vae},
         "model": {"text": te, "denoise": t, "decode": vae},
         "group": {"text": window("text_encoder"), "denoise": window("transformer"), "decode": window("vae")},
     }[mode]
+    return {phase: size + _always(sizes) for phase, size in weights.items()}
+
+
+def _always(sizes: Mapping[str, int]) -> int:
+    return sum(sizes.get(name, 0) for name in ALWAYS_RESIDENT)
 
 
 def resident(mode: str, sizes: Mapping[str, int]) -> int:
     """Weight bytes that stay on the GPU between jobs."""
     t, te, vae = (sizes.get(c, 0) for c in COMPONENTS)
-    return {"none": t + te + vae, "text_encoder": t + vae, "model": 0, "group": 0}[mode]
+    return {"none": t + te + vae, "text_encoder": t + vae, "model": 0, "group": 0}[mode] + _always(sizes)
 
 
 def moved(mode: str, sizes: Mapping[str, int], steps: int = DEFAULT_STEPS) -> int:
@@ -260,7 +267,12 @@ def folder_bytes(folder: Path, precision: str = "bf16", component: str | None = 
     return total
 
 
-def model_bytes(path: Path, precision: str, text_encoder_precision: str) -> dict[str, int]:
-    """The three components' bytes in the diffusers folder `path`, at the precisions they will load in."""
+def model_bytes(path: Path, precision: str, text_encoder_precision: str,
+                safety_checker: Path | None = None) -> dict[str, int]:
+    """The three components' bytes in the diffusers folder `path`, at the precisions they will load in, and the
+    safety checker's (bf16) when its folder is given."""
     precisions = {"transformer": precision, "text_encoder": text_encoder_precision, "vae": "bf16"}
-    return {name: folder_bytes(path / name, precisions[name], name) for name in COMPONENTS}
+    sizes = {name: folder_bytes(path / name, precisions[name], name) for name in COMPONENTS}
+    if safety_checker is not None:
+        sizes["safety_checker"] = folder_bytes(safety_checker)
+    return sizes

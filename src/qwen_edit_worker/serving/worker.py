@@ -15,7 +15,7 @@ import secrets
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from .. import placement
+from .. import placement, safety
 from ..accounting.cost import job_cost
 from ..accounting.timing import StageClock, billed_seconds, timing_report
 from ..errors import SettingsError, WorkerError
@@ -110,6 +110,7 @@ class Worker:
         clock = StageClock()
         defaults = ModelDefaults.for_model(settings.variant, settings.lightning)
         request = parse_request(job.get("input"), settings.variant, defaults, settings.max_loras)
+        safety.wanted(settings.safety_checker, request.enable_safety_checker)  # a refused false fails before any work
         bucket = uploads.job_bucket(job, self.bucket) if upload else None
         limits = images_in.InputLimits(settings.max_input_bytes, settings.max_input_pixels,
                                        settings.allow_loopback_urls)
@@ -128,6 +129,7 @@ class Worker:
         assert self.settings is not None and self.loras is not None
         settings = self.settings
         editor, cold, waited = self.model.get()
+        model = editor.model
         clock.set_sync(editor.sync)
         size, warnings = _plan(request, pictures[-1].size, settings.lightning)
         fit = placement.fit_request(editor.model.placement, size, pictures, request, settings.variant,
@@ -144,22 +146,32 @@ class Worker:
             true_cfg_scale=request.true_cfg_scale, steps=request.num_inference_steps, size=size, seeds=seeds,
             clock=clock, on_step=on_step, batch=fit.batch, around=self.loras.applied(editor.model, loras, clock),
         )
+        checked, note = safety.wanted(settings.safety_checker, request.enable_safety_checker)
+        flags = None
+        if checked:
+            assert model.safety is not None  # loaded whenever SAFETY_CHECKER is not off
+            with clock.stage("safety"):  # before encoding: a flagged picture is blacked out, never encoded
+                flags, pixels = model.safety.screen(pixels)
+        warnings += [note] if note else []
         with clock.stage("outputs"):
-            images, image_url = _outputs(job_id, pixels, seeds, request, bucket, settings.max_response_bytes)
-        model = editor.model
+            images, image_url = _outputs(job_id, pixels, seeds, request, bucket, settings.max_response_bytes,
+                                         flags)
         timing = timing_report(clock, cold_start=cold, load_seconds=waited, steps=request.num_inference_steps)
         cost = job_cost(billed_seconds(clock), len(images), model.gpu_name, settings.gpu_price_per_second)
         log.info(
             "job %s done: %d image(s) %dx%d from %d input(s), %d steps, cfg %.1f, seed %d, cold=%s, "
-            "stages ms: %s, total %.0f ms, cost %s, loras %d%s", job_id, len(images), size[0], size[1], len(pictures),
+            "stages ms: %s, total %.0f ms, cost %s, nsfw %s, loras %d%s", job_id, len(images), size[0], size[1],
+            len(pictures),
             request.num_inference_steps, request.true_cfg_scale, seed, cold,
             " ".join(f"{k.removesuffix('_ms')}={v}" for k, v in timing.items() if k.endswith("_ms")),
             timing["total_ms"], "unknown" if cost["usd"] is None else f"${cost['usd']:.5f}",
+            "unchecked" if flags is None else f"{sum(flags)}/{len(flags)}",
             len(loras), "".join(f" {item.sha256[:12]}" for item in loras),  # sha256s only: URLs may be signed
         )
         info = {**model.info(request.num_inference_steps), "loras": self.loras.report(loras)}
-        return {"images": images, "image_url": image_url, "seed": seed, "timing": timing, "cost": cost,
-                "model": info, "warnings": warnings}
+        out = {"images": images, "image_url": image_url, "seed": seed, "timing": timing, "cost": cost,
+               "model": info, "warnings": warnings}
+        return out if flags is None else out | {"has_nsfw_concepts": flags}
 
     def _out_of_memory(self, job_id: str) -> dict[str, Any]:
         import gc
@@ -178,10 +190,13 @@ class Worker:
 
 
 def _outputs(job_id: str, pixels: Any, seeds: list[int], request: EditRequest, bucket: uploads.Bucket | None,
-             limit: int) -> tuple[list[dict[str, Any]], str]:
+             limit: int, flags: list[bool] | None = None) -> tuple[list[dict[str, Any]], str]:
     """Encode each picture (at `input.size` exactly when asked), then upload it (URL out) or inline it
     as base64 (size-checked); also the `image_url` of RunPod's public endpoints: the first picture's
-    URL, else its data URI."""
+    URL, else its data URI.
+
+    `flags`: the safety checker's verdicts (None: not checked); a flagged picture is already black here.
+    """
     images = []
     for index, (picture_pixels, image_seed) in enumerate(zip(pixels, seeds, strict=True)):
         if request.exact_size is not None:
@@ -193,7 +208,8 @@ def _outputs(job_id: str, pixels: Any, seeds: list[int], request: EditRequest, b
         else:
             data, kind = encoded.base64(), "base64"
         images.append({"image": data, "type": kind, "format": encoded.format, "width": encoded.width,
-                       "height": encoded.height, "seed": image_seed})
+                       "height": encoded.height, "seed": image_seed}
+                      | ({} if flags is None else {"nsfw": flags[index]}))
     first = images[0]
     image_url = first["image"] if first["type"] == "url" else images_out.data_uri(first["format"], first["image"])
     if bucket is None:
