@@ -66,7 +66,7 @@ ARG PRECISION=bf16
 ARG TEXT_ENCODER_PRECISION=bf16
 ARG BAKE_MODEL=1
 ARG SAFETY_CHECKER=request
-ARG SAFETY_CHECKER_REVISION=4ea924a80cd71a53597a14eead839aff6942f2c9
+ARG SAFETY_CHECKER_REVISION=main
 ARG HF_ENDPOINT=https://huggingface.co
 RUN --mount=type=secret,id=hf_token,required=false \
     fuse=""; if [ "${FUSE_LIGHTNING}" = "1" ]; then fuse="--fuse-lightning"; fi \

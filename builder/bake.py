@@ -69,7 +69,7 @@ WEIGHT_FORMATS_SKIPPED = (".bin", ".pt", ".pth", ".ckpt", ".onnx", ".msgpack", "
 SKIPPED = ("*.md", "*.png", "*.jpg", "*.jpeg", "*.gif", "*.webp", ".gitattributes", "*.mp4")
 FREE_SPACE_MARGIN = 512 * 1024**2  # also covers the safety checker (343 MB)
 SAFETY_CHECKER_REPO = "Falconsai/nsfw_image_detection"  # the worker's safety.REPO (tests/test_bake.py pins it)
-SAFETY_CHECKER_REVISION = "4ea924a80cd71a53597a14eead839aff6942f2c9"  # pinned: the repo's head on 2026-12-01
+SAFETY_CHECKER_REVISION = "main"  # resolved to a commit at build time and recorded in the manifest, as the model's
 SAFETY_CHECKER_FILES = ("config.json", "model.safetensors", "preprocessor_config.json")
 
 

@@ -154,7 +154,7 @@ class Hub:
 
 
 SAFETY_CHECKER_REPO = "Falconsai/nsfw_image_detection"
-SAFETY_CHECKER_COMMIT = "4ea924a80cd71a53597a14eead839aff6942f2c9"  # builder/bake.py's pinned revision
+SAFETY_CHECKER_COMMIT = "4ea924a80cd71a53597a14eead839aff6942f2c9"  # what the loopback hub's main resolves to
 SAFETY_CHECKER_JUNK = {"pytorch_model.bin": b"pickle: a duplicate format", "optimizer.pt": b"training state",
                        "README.md": b"# card"}
 
@@ -162,7 +162,7 @@ SAFETY_CHECKER_JUNK = {"pytorch_model.bin": b"pickle: a duplicate format", "opti
 def safety_checker_repo(folder: Path, labels: tuple[str, str] = ("normal", "nsfw")) -> Repo:
     """A tiny random ViT classifier laid out as Falconsai/nsfw_image_detection is (config.json,
     model.safetensors, preprocessor_config.json, and files the bake must skip), served at the pinned
-    commit only: a bake that asks for any other revision gets a 404."""
+    commit (and main, resolving to it): a bake that asks for any other revision gets a 404."""
     from transformers import ViTConfig, ViTForImageClassification
 
     config = ViTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16,

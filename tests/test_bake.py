@@ -91,8 +91,8 @@ def test_bake_round_trip_then_worker_loads_it_offline(tmp_path: Path, tiny_repo:
     for junk in JUNK:
         assert not (folder / junk).exists(), junk
     assert (folder / "lightning" / VARIANT.lora_basename).read_bytes() == lora_bytes
-    # The safety checker: the three files the worker loads, at the pinned commit (the hub serves no other).
-    assert manifest["safety_checker"] == {"repo": SAFETY_CHECKER_REPO, "revision": SAFETY_CHECKER_COMMIT,
+    # The safety checker: the three files the worker loads, main resolved to its commit and recorded.
+    assert manifest["safety_checker"] == {"repo": SAFETY_CHECKER_REPO, "revision": "main",
                                           "commit": SAFETY_CHECKER_COMMIT, "files": [
                                               "safety_checker/config.json", "safety_checker/model.safetensors",
                                               "safety_checker/preprocessor_config.json"]}
@@ -118,7 +118,7 @@ def test_the_bake_and_the_worker_name_the_same_checker() -> None:
     assert SAFETY_CHECKER_REPO == safety.REPO
     source = (ROOT / "builder" / "bake.py").read_text()
     assert f'SAFETY_CHECKER_REPO = "{safety.REPO}"' in source
-    assert f'SAFETY_CHECKER_REVISION = "{SAFETY_CHECKER_COMMIT}"' in source
+    assert 'SAFETY_CHECKER_REVISION = "main"' in source  # resolved and recorded at build time, as MODEL_REVISION
 
 
 def test_without_a_checker_the_worker_needs_safety_checker_off(tmp_path: Path, tiny_repo: dict[str, bytes],
