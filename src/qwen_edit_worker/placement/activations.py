@@ -9,8 +9,9 @@ Tokens (the transformer's joint sequence, per image of the batch):
 - output: (W/8/2) x (H/8/2) = W*H/256 (the VAE's factor 8, then 2x2 patches);
 - each VAE conditioning picture at its working size: w*h/256 (Edit: the first picture only);
 - text: the prompt template and prompt (about 3 bytes of prompt a token), plus the VL encoder's
-  vision tokens, one per 28x28 pixels (14-pixel patches merged 2x2): EditPlus gives it each
-  picture at 384x384 (188 tokens), Edit the first picture at its working size.
+  vision tokens, one per 28x28 pixels (14-pixel patches merged 2x2, each side rounded to 28 as
+  the processor does): EditPlus gives it each picture at 384x384 (392x392: 196 tokens), Edit the
+  first picture at its working size.
 
 Every number below is FITTED to the real model's graph, measured by the harness
 (`python -m qwen_edit_worker.placement.measure`, placement/measure.py: the real components built

@@ -38,7 +38,8 @@ from .activations import BASE_JOB, GB, JobShape
 RESERVE_BYTES = int(1.5 * GB)  # CUDA context, cuBLAS workspaces, allocator fragmentation
 # A streamed component's layers on the GPU at once (leaf-level group offload, the next leaf prefetched):
 # the text encoder's largest leaf is its bf16 token embedding (152064 x 3584, 1.09 GB) plus one layer's linears
-# (its lm_head never runs: the pipeline reads hidden states); the transformer's largest leaves are 75 MB MLPs.
+# (its lm_head does run: the pipeline calls the whole model, which computes every token's logits, placement/
+# measure.py); the transformer's largest leaves are 75 MB MLPs.
 STREAM_WINDOW_BYTES = {"transformer": int(0.5 * GB), "text_encoder": int(1.3 * GB), "vae": int(0.3 * GB)}
 PCIE_BYTES_PER_SECOND = 25 * GB  # derived: PCIe gen4 x16 effective
 DEFAULT_STEPS = 3  # the Lightning default; group offload streams the transformer once per step
