@@ -66,3 +66,15 @@ def test_peak_counts_activations_not_weights_and_two_layers_equal_four() -> None
     # one block alive at a time; the 0.2 GB of a block's bf16 input/MLP tensors, not 0.7 GB of its weights
     assert peaks[0] == peaks[1]
     assert 0.1e9 < peaks[0] < 0.4e9
+
+
+def test_flops_of_the_real_graph_match_the_formula_the_cost_tables_use() -> None:
+    """docs/benchmarks.md: the FLOP formula (facts.md section 6) agrees with the real graph's count."""
+    from qwen_edit_worker.placement import measure
+
+    job = measure.Job("edit-2509", 0.5).shape()
+    counted = measure.denoise_phase(job, 1, "bf16", False).flops
+    tokens = job.tokens()
+    formula = 2 * 6.80e9 * tokens + 4 * tokens**2 * 3072 * 60
+    assert counted == pytest.approx(formula, rel=0.005)
+    assert counted == pytest.approx(73.6e12, rel=0.001)  # the docs' row

@@ -22,26 +22,30 @@ from qwen_edit_worker.placement import GB, JobShape, activations, planner, refer
 PAIRS = {"bf16": ("bf16", "bf16"), "int8 transformer": ("int8", "bf16"), "int8 both": ("int8", "int8"),
          "fp8 + int8": ("fp8", "int8")}
 CLASSES = (16, 24, 32, 48, 80, 141)
+REPORTED_24GB = 24_564 * 2**20 / GB  # GB: the total an RTX 3090/4090 or A5000 reports (24,564 MiB)
 EXPECTED = {  # GPU GB -> placement, per precision pair (fastest that fits with room for a 1 MP one-image job)
+    # At exactly 24 * 10^9 bytes the activations measured on the real graph (placement/measure.py: fp8's
+    # and an int8 text encoder's are larger than the old hand count) leave the text encoder no room to stream
+    # beside an int8 text phase or an fp8 transformer: those fall to `model` / `group` (docs/deploy.md).
     "bf16": {16: "group", 24: "group", 32: "group", 48: "text_encoder", 80: "none", 141: "none"},
     "int8 transformer": {16: "group", 24: "text_encoder", 32: "text_encoder", 48: "none", 80: "none", 141: "none"},
-    "int8 both": {16: "group", 24: "text_encoder", 32: "text_encoder", 48: "none", 80: "none", 141: "none"},
-    "fp8 + int8": {16: "group", 24: "text_encoder", 32: "text_encoder", 48: "none", 80: "none", 141: "none"},
+    "int8 both": {16: "group", 24: "model", 32: "text_encoder", 48: "none", 80: "none", 141: "none"},
+    "fp8 + int8": {16: "group", 24: "group", 32: "text_encoder", 48: "none", 80: "none", 141: "none"},
 }
 
 
 def make_plan(pair: str, gpu_gb: float, **options: object) -> placement.Plan:
     precision, text = PAIRS[pair]
     return placement.plan(reference_sizes(precision, text), int(gpu_gb * GB), quantised=precision != "bf16",
-                          **options)  # type: ignore[arg-type]
+                          precision=precision, text_encoder_precision=text, **options)  # type: ignore[arg-type]
 
 
 def peak(plan: placement.Plan, pair: str, job: JobShape, batch: int) -> int:
     """The peak a job of `batch` images reaches under `plan`, phase by phase (what batch_for must respect)."""
     weights = planner.phase_weights(plan.offload, reference_sizes(*PAIRS[pair]))
     return planner.RESERVE_BYTES + max(
-        weights["text"] + activations.TEXT_ENCODER_ACTIVATION_BYTES,
-        weights["denoise"] + activations.transformer_bytes(job, batch, plan.quantised),
+        weights["text"] + activations.text_bytes(job, plan.text_encoder_precision),
+        weights["denoise"] + activations.transformer_bytes(job, batch, plan.transformer_precision(), plan.zero_cond_t),
         weights["decode"] + activations.vae_bytes(job, batch, plan.vae_tiled))
 
 
@@ -54,19 +58,23 @@ class TestPlan:
         assert plan.fits and plan.offload == EXPECTED[pair][gpu_gb]
         assert plan.need_bytes <= gpu_gb * GB
         for faster in placement.MODES[:placement.MODES.index(plan.offload)]:  # and nothing faster fits
-            assert placement.need(faster, sizes, quantised=plan.quantised, vae_tiled=plan.vae_tiled)[0] > gpu_gb * GB
+            assert placement.need(faster, sizes, quantised=plan.transformer_precision(), vae_tiled=plan.vae_tiled,
+                                  text_encoder_precision=plan.text_encoder_precision)[0] > gpu_gb * GB
         assert plan.reason.startswith("fastest that fits")
 
     @pytest.mark.parametrize("pair", ["int8 both", "fp8 + int8", "int8 transformer"])
     def test_24gb_keeps_the_quantised_transformer_resident_and_streams_only_the_text_encoder(self, pair: str) -> None:
-        plan = make_plan(pair, 24)
+        plan = make_plan(pair, REPORTED_24GB)
         sizes = reference_sizes(*PAIRS[pair])
         assert plan.offload == "text_encoder"
         assert plan.resident_bytes == sizes["transformer"] + sizes["vae"]
         assert plan.moved_per_job_bytes == sizes["text_encoder"]  # the prompt pass, not 61 GB of transformer
         assert plan.info()["transfer_s_per_job"] < 1.0
-        assert plan.batched_images() == 2  # 1 MP: num_images 4 runs as two batches of two
-        assert 2.0 <= plan.max_megapixels(1) < 4.0  # the API's 2 MP fits; its 4 MP (2048 x 2048) does not
+        # 1 MP, num_images 4: two batches of two in int8; fp8's activation copies are larger (measured
+        # on the real graph, placement/measure.py): one at a time, and up to ~1.7 MP instead of ~2.2
+        fp8 = PAIRS[pair][0] == "fp8"
+        assert plan.batched_images() == (1 if fp8 else 2)
+        assert (1.6 if fp8 else 2.2) <= plan.max_megapixels(1) < 4.0  # the API's 4 MP (2048 x 2048) does not fit
 
     def test_the_16gb_class_streams_everything_and_says_what_it_moves(self) -> None:
         plan = make_plan("int8 both", 16)
@@ -103,7 +111,10 @@ class TestJobLimits:
                                                                    pictures: int) -> None:
         plan = make_plan(pair, gpu_gb)
         largest = plan.max_megapixels(pictures)
-        assert largest is not None and largest > 0
+        assert largest is not None
+        if largest == 0:  # the text phase alone does not fit (24 * 10^9 bytes, 3 pictures, text encoder streamed)
+            assert plan.batch_for(JobShape.one_image(0.05, pictures)) == 0
+            return
         job = JobShape.one_image(largest, pictures)
         assert plan.batch_for(job) >= 1 and peak(plan, pair, job, 1) <= gpu_gb * GB
         if largest < planner.MAX_API_MEGAPIXELS:
@@ -124,7 +135,7 @@ class TestJobLimits:
             assert peak(plan, pair, job, batch + 1) > gpu_gb * GB
 
     def test_more_images_than_fit_run_in_batches(self) -> None:
-        plan = make_plan("int8 both", 24)
+        plan = make_plan("int8 both", REPORTED_24GB)
         one = JobShape.one_image(1.0)
         fit = placement.fit_job(plan, JobShape(one.output_pixels, one.input_pixels, num_images=4))
         assert (fit.batch, fit.batches) == (2, 2)
@@ -144,11 +155,12 @@ class TestJobLimits:
         only, but its VL encoder reads that picture at its working size."""
         plus = JobShape.one_image(1.0, pictures=2)
         assert plus.tokens() == 3 * 4096 + plus.text_tokens()
-        assert plus.text_tokens() == 64 + 67 + 2 * (384 * 384 // 784)
+        # the VL processor rounds each side to 28 pixels: 384 -> 392 (196 tokens), 1024 -> 1036 (1369)
+        assert plus.text_tokens() == 64 + 67 + 2 * (392 * 392 // 784)
         edit = JobShape.one_image(1.0, pictures=1, edit_plus=False)
-        assert edit.tokens() == 2 * 4096 + 64 + 67 + 1024 * 1024 // 784
-        assert activations.transformer_bytes(plus, 2, False) - activations.JOB_FIXED_BYTES == \
-            2 * (activations.transformer_bytes(plus, 1, False) - activations.JOB_FIXED_BYTES)
+        assert edit.tokens() == 2 * 4096 + 64 + 67 + 1036 * 1036 // 784
+        assert activations.transformer_bytes(plus, 2, False) - activations.JOB_FIXED_BYTES == pytest.approx(
+            2 * (activations.transformer_bytes(plus, 1, False) - activations.JOB_FIXED_BYTES), abs=2)
 
 
 class TestCommand:
@@ -157,11 +169,11 @@ class TestCommand:
                               text=True, timeout=60)
 
     def test_prints_the_plan_as_json(self) -> None:
-        done = self.run("--gpu-gb", "24", "--precision", "int8", "--text-encoder-precision", "int8",
+        done = self.run("--gpu-gb", f"{REPORTED_24GB}", "--precision", "int8", "--text-encoder-precision", "int8",
                         "--variant", "edit-2511")
         assert done.returncode == 0, done.stderr
         info = json.loads(done.stdout)
-        expected = make_plan("int8 both", 24).info()
+        expected = make_plan("int8 both", REPORTED_24GB).info()
         assert {k: info[k] for k in expected} == expected
         for key in ("offload", "resident_gb", "moved_per_job_gb", "max_megapixels", "batched_images", "reason"):
             assert key in info

@@ -239,7 +239,9 @@ def _plan(settings: Settings, path: Path, gpu_bytes: int | None, checker: Path |
 
 def _plan_options(settings: Settings, gpu_bytes: int | None) -> dict[str, Any]:
     """What the plan needs to know beyond sizes: quantised activations, VAE tiling, the pipeline's kind."""
-    return {"quantised": settings.precision != "bf16",
+    return {"quantised": settings.precision != "bf16", "precision": settings.precision,
+            "text_encoder_precision": settings.text_encoder_precision,
+            "zero_cond_t": settings.variant.zero_cond_t,
             "vae_tiled": accel.memory_saving_enabled(settings.memory_saving, gpu_bytes),
             "edit_plus": settings.variant.pipeline_class != "QwenImageEditPipeline"}
 

@@ -6,6 +6,11 @@ known before paying for a worker.  It prints the same JSON object the worker log
 reports in each job's `model.placement`, from the real model's sizes (REFERENCE_BYTES) or from a
 diffusers folder's safetensors headers (`--model-path`).  Exit 0 when the plan fits; 1 with the
 plan and its reason when nothing fits; 2 with one line on a bad argument.  Never a traceback.
+With `--megapixels` (and `--pictures`, `--images`) it answers one job instead: `fits`,
+`batched_images` (images a batch), `batches` and `peak_gb` by phase (`text`, `denoise`,
+`decode`: GB on the GPU at that phase's peak, weights and RESERVE_BYTES included, from the
+activation model fitted to the real graph, placement/activations.py); exit 1 with `reason` when
+it does not fit.
 A command, not the worker: its answer is printed (JSON on stdout, the one-line errors on stderr),
 where the worker's own code logs.
 """
@@ -14,12 +19,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
+from ..errors import RequestError
 from ..weights.precision import PRECISION_SETTINGS, PRECISIONS
 from ..weights.variants import DEFAULT_VARIANT, VARIANTS
-from .planner import GB, MODES, model_bytes, plan, reference_sizes
+from .activations import JobShape
+from .jobs import fit_job
+from .planner import GB, MAX_API_IMAGES, MAX_API_MEGAPIXELS, MODES, Plan, model_bytes, plan, reference_sizes
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--offload", choices=("auto", *MODES), default="auto", help="OFFLOAD (default auto)")
     parser.add_argument("--memory-saving", choices=("auto", "on", "off"), default="auto",
                         help="MEMORY_SAVING (auto: VAE slicing and tiling below 48 GB)")
+    parser.add_argument("--megapixels", type=float, help="a job's output size in MP (answers that job)")
+    parser.add_argument("--pictures", type=int, default=1, help="the job's input pictures (1 to 3)")
+    parser.add_argument("--images", type=int, default=1, help="the job's num_images (1 to 4)")
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--variant", choices=list(VARIANTS), default=DEFAULT_VARIANT,
                        help="the real model's sizes (same transformer for every variant)")
@@ -40,6 +52,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not 0 < args.gpu_gb < 10_000:
         print(f"--gpu-gb: must be a positive size in GB (got {args.gpu_gb:g})", file=sys.stderr)
+        return 2
+    if args.megapixels is not None and not (0 < args.megapixels <= MAX_API_MEGAPIXELS
+                                            and 1 <= args.pictures <= 3 and 1 <= args.images <= MAX_API_IMAGES):
+        print(f"--megapixels must be in (0, {MAX_API_MEGAPIXELS:g}], --pictures 1 to 3, --images 1 to "
+              f"{MAX_API_IMAGES} (got {args.megapixels:g}, {args.pictures}, {args.images})", file=sys.stderr)
         return 2
     variant = VARIANTS[args.variant]
     sized = "int8" if args.precision == "auto" else args.precision  # fp8 and int8 take the same bytes
@@ -60,11 +77,36 @@ def main(argv: list[str] | None = None) -> int:
         edit_plus = variant.pipeline_class != "QwenImageEditPipeline"
     tiled = None if args.memory_saving == "auto" else args.memory_saving == "on"
     result = plan(sizes, int(args.gpu_gb * GB), args.offload, quantised=args.precision != "bf16", vae_tiled=tiled,
-                  edit_plus=edit_plus)
+                  edit_plus=edit_plus, precision=args.precision, text_encoder_precision=args.text_encoder_precision,
+                  zero_cond_t=variant.zero_cond_t)
+    if args.megapixels is not None:
+        return _answer_job(result, args.megapixels, args.pictures, args.images, edit_plus)
     info = {**result.info(), "component_gb": {k: round(v / GB, 2) for k, v in sizes.items()},
             "precision": args.precision, "text_encoder_precision": args.text_encoder_precision}
     print(json.dumps(info, indent=2))
     return 0 if result.fits else 1
+
+
+def _answer_job(result: Plan, megapixels: float, pictures: int, images: int, edit_plus: bool) -> int:
+    """Print one job's answer under `result` (JSON); 0 when it fits, 1 with its reason when not."""
+    one = JobShape.one_image(megapixels, pictures, edit_plus)
+    job = JobShape(one.output_pixels, one.input_pixels, edit_plus=edit_plus, num_images=images)
+    batch = result.batch_for(job) if result.fits else 0
+    reason = result.reason
+    if result.fits:
+        try:
+            fit = fit_job(result, job)
+            reason = f"{images} image(s) in {fit.batches} batch(es) of up to {fit.batch} (offload={result.offload})"
+        except RequestError as err:
+            reason = str(err)
+    peaks = result.peak_bytes(job, max(batch, 1))
+    print(json.dumps({"fits": batch >= 1, "batched_images": batch,
+                      "batches": math.ceil(images / batch) if batch else 0,
+                      "peak_gb": {k: round(v / GB, 2) for k, v in peaks.items()},
+                      "offload": result.offload, "gpu_gb": round((result.gpu_bytes or 0) / GB, 1),
+                      "megapixels": megapixels, "pictures": pictures, "images": images,
+                      "vae_tiled": result.vae_tiled, "reason": reason}, indent=2))
+    return 0 if batch >= 1 else 1
 
 
 if __name__ == "__main__":

@@ -9,35 +9,32 @@ Tokens (the transformer's joint sequence, per image of the batch):
 - output: (W/8/2) x (H/8/2) = W*H/256 (the VAE's factor 8, then 2x2 patches);
 - each VAE conditioning picture at its working size: w*h/256 (Edit: the first picture only);
 - text: the prompt template and prompt (about 3 bytes of prompt a token), plus the VL encoder's
-  vision tokens, one per 28x28 pixels (14-pixel patches merged 2x2): EditPlus gives it each
-  picture at 384x384 (188 tokens), Edit the first picture at its working size.
+  vision tokens, one per 28x28 pixels (14-pixel patches merged 2x2, each side rounded to 28 as
+  the processor does): EditPlus gives it each picture at 384x384 (392x392: 196 tokens), Edit the
+  first picture at its working size.
 
-Transformer (facts.md section 6: hidden D = 3072, 60 dual-stream blocks, 24 heads x 128, MLP 4x).
-Blocks run one after another and each frees its intermediates, so the peak is one block's, not
-60.  Inside a block, per token, in bf16 (2 bytes an element), what is alive at once:
-- attention phase: residual stream D, its normalised and modulated copy D, q/k/v 3D, q/k with
-  RoPE applied 2D, attention output D: 8D.  The attention matrix itself (24 x N x N) is never
-  materialised by SDPA's flash / memory-efficient kernels, which the `native` backend uses on
-  CUDA for bf16 (the `_native_math` backend would add 48 N^2 bytes and is not planned for);
-- MLP phase (dominant): residual D, attention-updated residual D, modulated input D, the 4D
-  up-projection, the 4D GELU output, the down-projection's output D: 12D.
-So 12 x 3072 x 2 = 73,728 bytes a token.  int8/fp8 (torchao dynamic activation quantisation)
-adds a 1-byte copy of each linear layer's input; the largest is the down-projection's 4D input:
-+4 x 3072 = 12,288 bytes a token.  Batch b multiplies the token count by b.  Plus a fixed
-~0.2 GB per job (latents, conditioning latents, RoPE tables, the scheduler's copies).
-
-VAE (base 96 channels, dim_mult 1,2,4,4): the decoder's last stage runs at full resolution,
-where the upsampled 192-channel tensor, the 96-channel convolution outputs and the causal-conv
-caches meet: ~1,500 bytes a pixel in bf16 (~1.6 GB at 1 MP), per picture decoded together.  With
-MEMORY_SAVING (slicing and tiling, on by default below 48 GB) pictures decode one at a time in
-256x256 tiles, a bounded ~0.25 GB whatever the size.
-
-Text encoder (Qwen2.5-VL, 8.3 B): a few hundred tokens through 28 layers of 3584: ~0.1 GB.
-
-Every constant here is DERIVED from the shapes, not measured.  When a GPU is lent, measured peaks
-(`torch.cuda.max_memory_allocated` around a job on the real shapes at 0.5, 1 and 2 MP, num_images
-1 and 4, int8/fp8 transformer resident) are to replace them; until then the plan keeps
-RESERVE_BYTES (planner.py) between the estimate and an out-of-memory error.
+Every number below is FITTED to the real model's graph, measured by the harness
+(`python -m qwen_edit_worker.placement.measure`, placement/measure.py: the real components built
+from their configs on fake CUDA, flash attention, torchao's int8/fp8 paths, bytes alive counted
+per op), and `tests/test_activations_grid.py` replays the harness over a grid of jobs and fails if
+any estimate here is below the measured peak.  Peaks are linear in tokens x batch (flash attention
+keeps no N x N matrix; one block is alive at a time), so a slope per image token and per text
+token fits each (precision, variant) exactly; MARGIN (5%) and the fixed bytes sit on top.
+- Transformer (denoise): bytes per image token of the batch, per text token of the batch, by
+  precision and by `zero_cond_t` (2511 keeps per-token gates: +12 KB a token).  int8 and fp8 add
+  torchao's activation copies: int8 +74 KB, fp8 +135 KB a token over bf16 (float32 copies of the
+  MLP's wide input).  At 1 MP with one picture (8,519 tokens): 2509 bf16 0.78 GB, 2511 bf16 0.88,
+  2511 int8 1.48, 2511 fp8 1.99 GB measured.
+- Text encoder: its language model computes the logits of every token (`lm_head` runs: 152,064
+  vocabulary x 2 bytes) and keeps all 29 hidden states (`output_hidden_states=True`), per token
+  of the whole sequence (the 64-token template head included).  The vision tower is not run by the
+  harness (data-dependent splits); its allowance is DERIVED from its shapes (VISION_BYTES_PER_TOKEN).
+- VAE: the untiled decoder keeps its causal-conv caches at full resolution, DECODE bytes a pixel a
+  picture decoded together; the untiled encoder, ENCODE bytes a pixel of the largest picture (one
+  at a time).  Tiled (MEMORY_SAVING: slicing and tiling), a fixed part plus a small per-pixel part
+  (the output picture and the rows being blended).
+What only a GPU can show: allocator fragmentation and the CUDA context (RESERVE_BYTES in
+planner.py), the kernels chosen at run time, and the offload placements' streaming.
 Pure arithmetic: no torch.
 """
 
@@ -54,12 +51,33 @@ VISION_TOKEN_PIXELS = 28 * 28  # Qwen2.5-VL: 14-pixel patches merged 2x2
 EDIT_PLUS_CONDITION_PIXELS = 384 * 384  # EditPlus's CONDITION_IMAGE_SIZE
 TEMPLATE_TOKENS = 64  # the prompt template around the prompt
 PROMPT_BYTES_PER_TOKEN = 3
-TRANSFORMER_BYTES_PER_TOKEN = 12 * HIDDEN * 2  # derived (module docstring)
-QUANTISED_BYTES_PER_TOKEN = 4 * HIDDEN  # int8/fp8: the 1-byte copy of the MLP down-projection's input
-JOB_FIXED_BYTES = int(0.2 * GB)
-VAE_BYTES_PER_PIXEL = 1500  # derived: the decoder's full-resolution stage
-VAE_TILED_BYTES = int(0.25 * GB)  # derived: one 256x256 tile at a time
-TEXT_ENCODER_ACTIVATION_BYTES = int(0.1 * GB)
+PRECISION_NAMES = ("bf16", "int8", "fp8")
+MARGIN = 1.05  # on every fitted figure
+# Measured slopes (bytes a token), rounded up: (precision, zero_cond_t) -> (per image token, per text token).
+DENOISE_BYTES_PER_TOKEN = {
+    ("bf16", False): (93_440, 37_888), ("bf16", True): (105_800, 37_888),
+    ("int8", False): (167_200, 37_888), ("int8", True): (179_500, 37_888),
+    ("fp8", False): (228_700, 37_888), ("fp8", True): (241_000, 37_888),
+}
+JOB_FIXED_BYTES = int(0.05 * GB)  # latents, RoPE tables, the scheduler's copies (measured within the slopes)
+# Fitted: the whole encoder sequence.  bf16: 29 hidden states (208 KB) + bf16 logits (304 KB); int8: the
+# quantised lm_head's int32 and float32 logits on top; fp8 about bf16's.
+TEXT_BYTES_PER_TOKEN = {"bf16": 512_100, "int8": 1_428_100, "fp8": 515_700}
+TEXT_FIXED_BYTES = int(0.05 * GB)
+VISION_BYTES_PER_TOKEN = 4 * (3420 * 2 + 1280 * 4) * 2  # derived: 4 patches a token, MLP and residuals, bf16
+VAE_DECODE_BYTES_PER_PIXEL = 3_460  # fitted: 3.63 GB at 1 MP, 14.5 GB at 4 MP
+VAE_ENCODE_BYTES_PER_PIXEL = 1_934  # fitted: 2.03 GB at 1 MP
+VAE_TILED_FIXED_BYTES = int(0.25 * GB)  # fitted
+VAE_TILED_BYTES_PER_PIXEL = 50  # fitted
+# Kept for callers that read the old names.
+TEXT_ENCODER_ACTIVATION_BYTES = TEXT_FIXED_BYTES
+
+
+def precision_of(quantised: bool | str) -> str:
+    """A precision name; a bare `quantised` flag counts as fp8, the larger of int8 and fp8."""
+    if isinstance(quantised, str):
+        return "fp8" if quantised == "auto" else quantised
+    return "fp8" if quantised else "bf16"
 
 
 @dataclass(frozen=True)
@@ -78,10 +96,13 @@ class JobShape:
         area = int(megapixels * MEGAPIXEL)
         return cls(area, (area,) * pictures, edit_plus=edit_plus)
 
+    def vision_tokens(self) -> int:
+        """The VL encoder's vision tokens: each picture resized to multiples of 28 pixels (its processor)."""
+        areas = (EDIT_PLUS_CONDITION_PIXELS,) * len(self.input_pixels) if self.edit_plus else self.input_pixels[:1]
+        return sum(max(28, round(math.isqrt(a) / 28) * 28) ** 2 // VISION_TOKEN_PIXELS for a in areas)
+
     def text_tokens(self) -> int:
-        vision = (len(self.input_pixels) * EDIT_PLUS_CONDITION_PIXELS if self.edit_plus
-                  else self.input_pixels[0] if self.input_pixels else 0) // VISION_TOKEN_PIXELS
-        return TEMPLATE_TOKENS + math.ceil(self.prompt_chars / PROMPT_BYTES_PER_TOKEN) + vision
+        return TEMPLATE_TOKENS + math.ceil(self.prompt_chars / PROMPT_BYTES_PER_TOKEN) + self.vision_tokens()
 
     def tokens(self) -> int:
         """The transformer's sequence length for one image of the job (image tokens plus text)."""
@@ -93,36 +114,48 @@ class JobShape:
 BASE_JOB = JobShape.one_image(1.0)
 
 
-def transformer_bytes(job: JobShape, batch: int, quantised: bool) -> int:
-    """Peak activation bytes of one transformer pass over `batch` images of `job`."""
-    per_token = TRANSFORMER_BYTES_PER_TOKEN + (QUANTISED_BYTES_PER_TOKEN if quantised else 0)
-    return job.tokens() * batch * per_token + JOB_FIXED_BYTES
+def _per_image(job: JobShape, precision: bool | str, zero_cond_t: bool) -> float:
+    image, text = DENOISE_BYTES_PER_TOKEN[(precision_of(precision), zero_cond_t)]
+    return (job.tokens() - job.text_tokens()) * image + job.text_tokens() * text
+
+
+def transformer_bytes(job: JobShape, batch: int, quantised: bool | str, zero_cond_t: bool = True) -> int:
+    """Peak activation bytes of one transformer pass over `batch` images of `job` (precision or quantised flag)."""
+    return int(_per_image(job, quantised, zero_cond_t) * batch * MARGIN) + JOB_FIXED_BYTES
+
+
+def text_bytes(job: JobShape, precision: str = "bf16") -> int:
+    """Peak activation bytes of the text phase (the encoder's sequence: template head, prompt, vision tokens)."""
+    per_token = TEXT_BYTES_PER_TOKEN[precision_of(precision)]
+    return int(((64 + job.text_tokens()) * per_token + job.vision_tokens() * VISION_BYTES_PER_TOKEN) * MARGIN) \
+        + TEXT_FIXED_BYTES
 
 
 def vae_bytes(job: JobShape, batch: int, tiled: bool) -> int:
-    """Peak activation bytes of the VAE for `batch` images of `job` (the larger of encode and decode)."""
-    if tiled:
-        return VAE_TILED_BYTES
+    """Peak activation bytes of the VAE: the larger of encoding the pictures and decoding `batch` images."""
     largest = max((job.output_pixels, *job.input_pixels))
-    return largest * VAE_BYTES_PER_PIXEL * batch
-
-
-def largest_batch(job: JobShape, transformer_room: int, vae_room: int, quantised: bool, tiled: bool) -> int:
-    """How many images of `job` fit one batch in the rooms left beside the weights (0: not even one)."""
-    per_image = job.tokens() * (TRANSFORMER_BYTES_PER_TOKEN + (QUANTISED_BYTES_PER_TOKEN if quantised else 0))
-    batch = max(0, (transformer_room - JOB_FIXED_BYTES) // per_image) if per_image else 0
     if tiled:
-        return int(batch) if vae_bytes(job, 1, True) <= vae_room else 0
-    per_picture = vae_bytes(job, 1, False)
-    return int(min(batch, vae_room // per_picture))
+        return int((VAE_TILED_FIXED_BYTES + largest * VAE_TILED_BYTES_PER_PIXEL * batch) * MARGIN)
+    encode = max(job.input_pixels, default=0) * VAE_ENCODE_BYTES_PER_PIXEL
+    return int(max(encode, job.output_pixels * VAE_DECODE_BYTES_PER_PIXEL * batch) * MARGIN)
 
 
-def largest_megapixels(transformer_room: int, vae_room: int, quantised: bool, tiled: bool, pictures: int = 1,
-                       edit_plus: bool = True) -> float:
+def largest_batch(job: JobShape, transformer_room: int, vae_room: int, quantised: bool | str, tiled: bool,
+                  zero_cond_t: bool = True) -> int:
+    """How many images of `job` fit one batch in the rooms left beside the weights (0: not even one)."""
+    batch = 0
+    while batch < 64 and transformer_bytes(job, batch + 1, quantised, zero_cond_t) <= transformer_room \
+            and vae_bytes(job, batch + 1, tiled) <= vae_room:
+        batch += 1
+    return batch
+
+
+def largest_megapixels(transformer_room: int, vae_room: int, quantised: bool | str, tiled: bool, pictures: int = 1,
+                       edit_plus: bool = True, zero_cond_t: bool = True) -> float:
     """The largest output (MP) of a one-image job with `pictures` inputs of the same area that fits the rooms."""
     def fits(mp: float) -> bool:
         return largest_batch(JobShape.one_image(mp, pictures, edit_plus), transformer_room, vae_room, quantised,
-                             tiled) >= 1
+                             tiled, zero_cond_t) >= 1
 
     low, high = 0.0, 64.0
     if not fits(1 / 256):

@@ -38,7 +38,8 @@ from .activations import BASE_JOB, GB, JobShape
 RESERVE_BYTES = int(1.5 * GB)  # CUDA context, cuBLAS workspaces, allocator fragmentation
 # A streamed component's layers on the GPU at once (leaf-level group offload, the next leaf prefetched):
 # the text encoder's largest leaf is its bf16 token embedding (152064 x 3584, 1.09 GB) plus one layer's linears
-# (its lm_head never runs: the pipeline reads hidden states); the transformer's largest leaves are 75 MB MLPs.
+# (its lm_head does run: the pipeline calls the whole model, which computes every token's logits, placement/
+# measure.py); the transformer's largest leaves are 75 MB MLPs.
 STREAM_WINDOW_BYTES = {"transformer": int(0.5 * GB), "text_encoder": int(1.3 * GB), "vae": int(0.3 * GB)}
 PCIE_BYTES_PER_SECOND = 25 * GB  # derived: PCIe gen4 x16 effective
 DEFAULT_STEPS = 3  # the Lightning default; group offload streams the transformer once per step
@@ -91,24 +92,42 @@ class Plan:
     quantised: bool = False  # transformer int8/fp8 (activation copies counted)
     vae_tiled: bool = False
     edit_plus: bool = True
+    precision: str = ""  # the transformer's (bf16/int8/fp8; empty: fp8 if quantised, else bf16)
+    text_encoder_precision: str = "bf16"
+    zero_cond_t: bool = True  # 2511's per-token gates (the larger activations when the variant is not known)
+
+    def transformer_precision(self) -> str:
+        return self.precision or activations.precision_of(self.quantised)
 
     def batch_for(self, job: JobShape) -> int:
         """Images of `job` that fit one batch (at most its num_images; 0: not even one). No GPU: all of them."""
         if self.rooms is None:
             return job.num_images
-        if activations.TEXT_ENCODER_ACTIVATION_BYTES > self.rooms.text:
+        if activations.text_bytes(job, self.text_encoder_precision) > self.rooms.text:
             return 0
         return min(job.num_images, activations.largest_batch(job, self.rooms.denoise, self.rooms.decode,
-                                                             self.quantised, self.vae_tiled))
+                                                             self.transformer_precision(), self.vae_tiled,
+                                                             self.zero_cond_t))
+
+    def peak_bytes(self, job: JobShape, batch: int) -> dict[str, int]:
+        """GPU bytes at each phase's peak for `batch` images of `job` (weights, activations and RESERVE_BYTES)."""
+        rooms = self.rooms or Rooms(0, 0, 0)
+        gpu = self.gpu_bytes or 0
+        weights = {phase: gpu - RESERVE_BYTES - getattr(rooms, phase) for phase in PHASES}
+        return {"text": weights["text"] + activations.text_bytes(job, self.text_encoder_precision) + RESERVE_BYTES,
+                "denoise": weights["denoise"] + RESERVE_BYTES + activations.transformer_bytes(
+                    job, batch, self.transformer_precision(), self.zero_cond_t),
+                "decode": weights["decode"] + RESERVE_BYTES + activations.vae_bytes(job, batch, self.vae_tiled)}
 
     def max_megapixels(self, pictures: int = 1) -> float | None:
         """Largest one-image job (MP, up to the API's 4 MP) with `pictures` inputs; None without a GPU."""
         if self.rooms is None:
             return None
-        if activations.TEXT_ENCODER_ACTIVATION_BYTES > self.rooms.text:
+        if activations.text_bytes(JobShape.one_image(1.0, pictures, self.edit_plus),
+                                  self.text_encoder_precision) > self.rooms.text:
             return 0.0
-        largest = activations.largest_megapixels(self.rooms.denoise, self.rooms.decode, self.quantised,
-                                                 self.vae_tiled, pictures, self.edit_plus)
+        largest = activations.largest_megapixels(self.rooms.denoise, self.rooms.decode, self.transformer_precision(),
+                                                 self.vae_tiled, pictures, self.edit_plus, self.zero_cond_t)
         return min(largest, MAX_API_MEGAPIXELS)
 
     def batched_images(self) -> int | None:
@@ -169,24 +188,29 @@ def rooms(mode: str, sizes: Mapping[str, int], gpu_bytes: int) -> Rooms:
     return Rooms(*(gpu_bytes - RESERVE_BYTES - weights[phase] for phase in PHASES))
 
 
-def need(mode: str, sizes: Mapping[str, int], job: JobShape = BASE_JOB, quantised: bool = False,
-         vae_tiled: bool = False, steps: int = DEFAULT_STEPS) -> tuple[int, int]:
+def need(mode: str, sizes: Mapping[str, int], job: JobShape = BASE_JOB, quantised: bool | str = False,
+         vae_tiled: bool = False, steps: int = DEFAULT_STEPS, text_encoder_precision: str = "bf16",
+         zero_cond_t: bool = True) -> tuple[int, int]:
     """(peak GPU bytes, bytes moved to the GPU per job) of placement `mode` for component `sizes` and `job`."""
     weights = phase_weights(mode, sizes)
-    peak = max(weights["text"] + activations.TEXT_ENCODER_ACTIVATION_BYTES,
-               weights["denoise"] + activations.transformer_bytes(job, 1, quantised),
+    peak = max(weights["text"] + activations.text_bytes(job, text_encoder_precision),
+               weights["denoise"] + activations.transformer_bytes(job, 1, quantised, zero_cond_t),
                weights["decode"] + activations.vae_bytes(job, 1, vae_tiled))
     return peak + RESERVE_BYTES, moved(mode, sizes, steps)
 
 
 def plan(sizes: Mapping[str, int], gpu_bytes: int | None, mode: str = "auto", *, quantised: bool = False,
-         vae_tiled: bool | None = None, edit_plus: bool = True, steps: int = DEFAULT_STEPS) -> Plan:
+         vae_tiled: bool | None = None, edit_plus: bool = True, steps: int = DEFAULT_STEPS, precision: str = "",
+         text_encoder_precision: str = "bf16", zero_cond_t: bool = True) -> Plan:
     """The placement for OFFLOAD=`mode`: as given, or (auto) the fastest that fits `gpu_bytes` with the base job.
 
     `sizes` are the components' bytes as they will sit in memory (after any quantisation);
     `gpu_bytes` is None without a GPU (then everything stays on the CPU, placement `none`, no job limit).
-    `vae_tiled` None means MEMORY_SAVING=auto (tiled below 48 GB).
+    `vae_tiled` None means MEMORY_SAVING=auto (tiled below 48 GB).  `precision` (the transformer's,
+    auto counting as fp8), `text_encoder_precision` and `zero_cond_t` (the variant) choose the
+    fitted activation figures; without `precision`, `quantised` counts as fp8.
     """
+    chosen = activations.precision_of(precision or quantised)
     total = sum(sizes.values())
     if gpu_bytes is None:
         if mode in ("auto", "none"):
@@ -196,15 +220,16 @@ def plan(sizes: Mapping[str, int], gpu_bytes: int | None, mode: str = "auto", *,
     base = JobShape.one_image(1.0, edit_plus=edit_plus)
 
     def make(candidate: str, fits: bool, reason: str) -> Plan:
-        peak, carried = need(candidate, sizes, base, quantised, tiled, steps)
+        peak, carried = need(candidate, sizes, base, chosen, tiled, steps, text_encoder_precision, zero_cond_t)
         if carried:
             reason += (f"; moves {_gb(carried)} over PCIe per job, ~{carried / PCIE_BYTES_PER_SECOND:.1f} s at "
                        f"{PCIE_BYTES_PER_SECOND / GB:.0f} GB/s (derived)")
         return Plan(candidate, fits, peak, gpu_bytes, carried, reason, resident(candidate, sizes),
-                    rooms(candidate, sizes, gpu_bytes), quantised, tiled, edit_plus)
+                    rooms(candidate, sizes, gpu_bytes), chosen != "bf16", tiled, edit_plus, chosen,
+                    text_encoder_precision, zero_cond_t)
 
     def peak(candidate: str) -> int:
-        return need(candidate, sizes, base, quantised, tiled, steps)[0]
+        return need(candidate, sizes, base, chosen, tiled, steps, text_encoder_precision, zero_cond_t)[0]
 
     if mode != "auto":
         fits = peak(mode) <= gpu_bytes
