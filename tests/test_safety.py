@@ -114,18 +114,19 @@ def test_flag_one_of_a_batch_blacks_out_that_one_only(worker_for: Any) -> None:
 
 def test_a_flagged_picture_never_reaches_the_bucket(s3: str, worker_for: Any) -> None:  # noqa: F811
     reference = ok(worker_for().handle(small_job(num_images=2, seed=21)))
-    out = ok(Worker(bucket_env(s3, TINY_SAFETY_FLAGS="0")).handle(small_job(num_images=2, seed=21)))
+    job = {**small_job(num_images=2, seed=21), "id": "safety-bucket"}  # its own prefix: the server is shared
+    out = ok(Worker(bucket_env(s3, TINY_SAFETY_FLAGS="0")).handle(job))
     assert out["has_nsfw_concepts"] == [True, False]
     bucket = client(s3)
     stored = {}
-    for entry in bucket.list_objects_v2(Bucket="edits")["Contents"]:  # this module's own server: nothing else
+    for entry in bucket.list_objects_v2(Bucket="edits", Prefix="safety-bucket/")["Contents"]:
         body = bucket.get_object(Bucket="edits", Key=entry["Key"])["Body"].read()
         stored[entry["Key"]] = np.asarray(Image.open(io.BytesIO(body)).convert("RGB"))
-    assert sorted(stored) == ["test-job/0-21.png", "test-job/1-22.png"]
+    assert sorted(stored) == ["safety-bucket/0-21.png", "safety-bucket/1-22.png"]
     flagged = decode_output_image(reference["images"][0])
-    assert stored["test-job/0-21.png"].max() == 0  # the black stand-in, not the picture
+    assert stored["safety-bucket/0-21.png"].max() == 0  # the black stand-in, not the picture
     assert not any(np.array_equal(pixels, flagged) for pixels in stored.values())
-    assert np.array_equal(stored["test-job/1-22.png"], decode_output_image(reference["images"][1]))
+    assert np.array_equal(stored["safety-bucket/1-22.png"], decode_output_image(reference["images"][1]))
 
 
 # ---- handler.py under the SDK's job loop ----
