@@ -216,6 +216,14 @@ class TestHub:
         l4 = placement.plan(placement.reference_sizes("int8", "int8"), 23_034 * 2**20, quantised=True,
                             precision="fp8", text_encoder_precision="int8")
         assert l4.offload == "group"  # fp8 on an L4, the safety checker counted: the transformer is streamed
+        # the 24 GB preset's name says what the class admits (int8 / fp8 at 24,564 MiB) and that an L4 streams
+        name = HUB["config"]["presets"][0]["name"]
+        on_24 = {p: placement.plan(placement.reference_sizes("int8", "int8"), reported["24 GB"], quantised=True,
+                                   precision=p, text_encoder_precision="int8", vae_tiled=True) for p in ("int8", "fp8")}
+        int8, fp8 = on_24["int8"], on_24["fp8"]
+        assert f"~{int8.max_megapixels(1):.1f} MP, {int8.batched_images()} images a batch (int8)" in name
+        assert f"~{fp8.max_megapixels(1):.1f} MP, {fp8.batched_images()} a batch (fp8)" in name
+        assert "VAE tiled" in name and "on an L4 the transformer streams too" in name
 
     def test_template_is_a_queue_endpoint_offering_no_load_balancing_setting(self) -> None:
         """The Hub takes one endpointType per template: this one is a queue endpoint (no endpointType: the
