@@ -52,7 +52,7 @@ class GpuClass:
 GPU_CLASSES: dict[str, GpuClass] = {g.name: g for g in (
     GpuClass("a4000", "16 GB (A4000)", 0.00016, 0.00011),
     GpuClass("a5000", "24 GB (L4, A5000, 3090)", 0.00019, 0.00013),
-    GpuClass("a5000-int8", "24 GB (L4, A5000, 3090)", 0.00019, 0.00013, 5.0, "derived",
+    GpuClass("a5000-int8", "24 GB (A5000, 3090)", 0.00019, 0.00013, 5.0, "derived",
              "int8, `OFFLOAD=text_encoder`"),
     GpuClass("4090", "24 GB PRO (4090)", 0.00031, 0.00021),
     GpuClass("4090-int8", "24 GB PRO (4090)", 0.00031, 0.00021, 2.5, "derived", "int8, `OFFLOAD=text_encoder`"),
