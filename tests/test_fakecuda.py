@@ -7,6 +7,8 @@ counter must see what a forward keeps alive (and not the weights)."""
 from __future__ import annotations
 
 import inspect
+import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -78,3 +80,26 @@ def test_flops_of_the_real_graph_match_the_formula_the_cost_tables_use() -> None
     formula = 2 * 6.80e9 * tokens + 4 * tokens**2 * 3072 * 60
     assert counted == pytest.approx(formula, rel=0.005)
     assert counted == pytest.approx(73.6e12, rel=0.001)  # the docs' row
+
+
+def test_the_real_graph_flop_table_is_the_harness() -> None:
+    """client/qwen_edit_client/real_graph_flops.json (what the client and the docs' time tables read) is what
+    the harness counts: two rows re-measured, and the table covers every variant at every size it names."""
+    from qwen_edit_worker.placement import flopstable
+    from qwen_edit_worker.weights.variants import VARIANTS
+
+    path = Path(__file__).resolve().parents[1] / "client" / "qwen_edit_client" / "real_graph_flops.json"
+    table = json.loads(path.read_text())
+    assert table["source"] == flopstable.SOURCE and "derived from the real graph" in table["source"]
+    assert table["steps"] == flopstable.STEPS == 3
+    rows = {(r["variant"], r["megapixels"]): r for r in table["rows"]}
+    assert set(rows) == {(v, mp) for v in VARIANTS for mp in flopstable.MEGAPIXELS}
+    for key in (("edit", 0.5), ("edit-2511", 0.5)):
+        measured, stored = flopstable.row(*key), rows[key]
+        assert measured["tokens"] == stored["tokens"], key
+        for phase, tflop in measured["tflop"].items():
+            assert stored["tflop"][phase] == pytest.approx(tflop, abs=0.011), (key, phase)
+        assert stored["job_tflop"] == pytest.approx(measured["job_tflop"], abs=0.011), key
+    for row in rows.values():  # a job: text, encode, 3 passes, decode
+        t = row["tflop"]
+        assert row["job_tflop"] == pytest.approx(t["text"] + t["encode"] + 3 * t["denoise"] + t["decode"], abs=0.05)

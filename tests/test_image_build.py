@@ -194,13 +194,17 @@ class TestHub:
             sized = "int8" if p == "auto" else p
             return placement.plan(placement.reference_sizes(sized, t), gpu, mode, quantised=sized != "bf16")
 
+        # the totals those cards report (MiB; tests/test_activations_grid.py): 24 GB, an RTX 3090/4090 or A5000;
+        # the L4 (23,034 MiB) is below: there the transformer is streamed (checked below, docs/deploy.md says so)
+        reported = {"24 GB": 24_564 * 2**20, "48 GB": 46_068 * 2**20, "80 GB": 81_559 * 2**20,
+                    "141 GB": 143_771 * 2**20}
         pools = {"24 GB": "AMPERE_24, ADA_24", "48 GB": "AMPERE_48, ADA_48_PRO", "80 GB": "AMPERE_80, ADA_80_PRO",
                  "141 GB": "HOPPER_141"}
         for preset in HUB["config"]["presets"]:
             label = preset["name"].split(" (")[0]
             assert f"({pools[label]})" in preset["name"]
             assert all(pool in HUB["config"]["gpuIds"].split(",") for pool in pools[label].split(", "))
-            gpu = int(label.split()[0]) * placement.GB
+            gpu = reported[label]
             s = Settings.from_env({k: str(v) for k, v in preset["defaults"].items()})
             plan = plan_for(s.precision, s.text_encoder_precision, gpu, s.offload)
             best = min(placement.MODES.index(plan_for(p, t, gpu).offload)
@@ -209,6 +213,17 @@ class TestHub:
             assert plan.offload in ("none", "text_encoder"), (label, plan)  # the transformer is resident
             if plan.offload != "none":
                 assert s.memory_saving == "on"
+        l4 = placement.plan(placement.reference_sizes("int8", "int8"), 23_034 * 2**20, quantised=True,
+                            precision="fp8", text_encoder_precision="int8")
+        assert l4.offload == "group"  # fp8 on an L4, the safety checker counted: the transformer is streamed
+        # the 24 GB preset's name says what the class admits (int8 / fp8 at 24,564 MiB) and that an L4 streams
+        name = HUB["config"]["presets"][0]["name"]
+        on_24 = {p: placement.plan(placement.reference_sizes("int8", "int8"), reported["24 GB"], quantised=True,
+                                   precision=p, text_encoder_precision="int8", vae_tiled=True) for p in ("int8", "fp8")}
+        int8, fp8 = on_24["int8"], on_24["fp8"]
+        assert f"~{int8.max_megapixels(1):.1f} MP, {int8.batched_images()} images a batch (int8)" in name
+        assert f"~{fp8.max_megapixels(1):.1f} MP, {fp8.batched_images()} a batch (fp8)" in name
+        assert "VAE tiled" in name and "on an L4 the transformer streams too" in name
 
     def test_template_is_a_queue_endpoint_offering_no_load_balancing_setting(self) -> None:
         """The Hub takes one endpointType per template: this one is a queue endpoint (no endpointType: the

@@ -128,6 +128,31 @@ class TestCatalog:
         derived = "(derived)" in (ROOT / "docs" / "benchmarks.md").read_text().split("## Cost per image", 1)[1][:40]
         assert {g.job_source for g in catalog.GPU_CLASSES.values() if g.job_s} == {"derived" if derived else "measured"}
 
+    def test_flops_are_the_real_graphs_in_the_client_and_the_docs(self) -> None:
+        """The client's FLOPs come from the harness's table (real_graph_flops.json; tests/test_fakecuda.py re-measures
+        it), and docs/benchmarks.md and docs/deploy.md print that table's figures, labelled as derived from it."""
+        table = catalog.real_graph_flops()
+        assert table["source"].startswith("derived from the real graph (python -m qwen_edit_worker.placement.measure")
+        assert catalog.job_tflop("edit-2511", 1.0, "denoise") == 169.31
+        assert catalog.job_tflop() == 532.6
+        with pytest.raises(ValueError, match="0.3 MP"):
+            catalog.job_tflop("edit", 0.3)
+        text = (ROOT / "docs" / "benchmarks.md").read_text()
+        section = text.split("### The real graph's FLOPs (derived from the real graph)", 1)[1].split("\n## ", 1)[0]
+        assert table["source"].split("(", 1)[1].rstrip(")") in " ".join(section.split())
+        docs = {(v, float(mp)): (int(n.replace(",", "")), *map(float, rest)) for v, mp, n, *rest in
+                re.findall(r"^\| (edit[-0-9]*) \| ([0-9.]+) \| ([0-9,]+) \| ([0-9.]+) \| [0-9.]+ \| ([0-9.]+) \| "
+                           r"([0-9.]+) \| ([0-9.]+) \| ([0-9.]+) \|$", section, re.M)}
+        assert docs == {(r["variant"], r["megapixels"]): (
+            r["tokens"], *(round(r["tflop"][p], 1) for p in ("denoise", "text", "encode", "decode")),
+            float(round(r["job_tflop"]))) for r in table["rows"]}
+        one_mp = f"{catalog.job_tflop('edit-2511', 1.0, 'denoise'):.1f}"
+        cost = text.split("## Cost per image by RunPod GPU class", 1)[1][:300]
+        assert f"3 passes x {one_mp}\nTFLOP (derived from the real graph" in cost
+        deploy = " ".join((ROOT / "docs" / "deploy.md").read_text().split())
+        assert (f"derived from the real graph's FLOPs (3 x {one_mp} TFLOP a pass at 1 MP, {catalog.job_tflop():.0f} "
+                "TFLOP a job") in deploy
+
     def test_flex_prices_are_the_workers_price_table(self) -> None:
         names = {"a4000": "RTX A4000", "a5000": "RTX A5000", "4090": "RTX 4090", "a6000": "RTX A6000",
                  "l40s": "L40S", "l40s-fp8": "L40S", "a100": "A100 80GB", "a5000-int8": "RTX A5000",
@@ -156,8 +181,10 @@ class TestCommand:
         assert len(results) == 3 * 4 * 4 * 2  # GPU classes x idle timeouts x max workers x active workers
         meeting = [r for r in results if r["latency_s"]["p95"] <= 20]
         assert out["recommended"] == min(meeting, key=lambda r: r["usd_per_image"])
-        assert {r["execution_source"].split(",")[1].strip() for r in results} == {"derived (docs/benchmarks.md: bf16)",
-                                                                                  "derived (docs/benchmarks.md: fp8"}
+        assert {r["execution_source"].split(",")[1].strip() for r in results} == {
+            "derived (docs/benchmarks.md: bf16) from 533 TFLOP a 1 MP edit-2511 job",
+            "derived (docs/benchmarks.md: fp8"}
+        assert all(r["execution_source"].endswith(catalog.real_graph_flops()["source"]) for r in results)
         with Image.open(chart) as img:
             assert img.format == "PNG" and img.size[0] >= 800
 

@@ -11,7 +11,9 @@ figure must say where it came from.  Sources, November 2026:
 - execution seconds: one 1 MP, 3-step edit-2511 job on a warm worker, from docs/benchmarks.md
   ("Cost per image by RunPod GPU class").  Each row is marked measured or derived as that page
   marks it; today every GPU figure there is derived (FLOPs and published anchors), none measured.
-  Classes without a figure take --exec or a log's times;
+  The FLOPs are the real graph's (real_graph_flops.json, written by the worker's harness:
+  `python -m qwen_edit_worker.placement.measure --flop-table ...`; this client reads the file and
+  never imports torch).  Classes without a figure take --exec or a log's times;
 - cold start: without FlashBoot, container start plus reading ~58 GB of weights at ~2 GB/s
   (docs/deploy.md: ~30-40 s; 40 s is used); with FlashBoot, RunPod restores a recent snapshot
   in seconds (5 s assumed, not measured).  Both are options (--cold-start, --flashboot-cold-start).
@@ -19,12 +21,17 @@ figure must say where it came from.  Sources, November 2026:
 
 from __future__ import annotations
 
+import functools
+import json
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 DEFAULT_ACTIVE_DISCOUNT = 0.20
 COLD_START_S = 40.0
 FLASHBOOT_COLD_START_S = 5.0
 BENCHMARKS = "docs/benchmarks.md"
+FLOPS_FILE = Path(__file__).with_name("real_graph_flops.json")
 
 
 @dataclass(frozen=True)
@@ -45,11 +52,11 @@ class GpuClass:
 GPU_CLASSES: dict[str, GpuClass] = {g.name: g for g in (
     GpuClass("a4000", "16 GB (A4000)", 0.00016, 0.00011),
     GpuClass("a5000", "24 GB (L4, A5000, 3090)", 0.00019, 0.00013),
-    GpuClass("a5000-int8", "24 GB (L4, A5000, 3090)", 0.00019, 0.00013, 5.0, "derived",
+    GpuClass("a5000-int8", "24 GB (A5000, 3090)", 0.00019, 0.00013, 5.0, "derived",
              "int8, `OFFLOAD=text_encoder`"),
     GpuClass("4090", "24 GB PRO (4090)", 0.00031, 0.00021),
     GpuClass("4090-int8", "24 GB PRO (4090)", 0.00031, 0.00021, 2.5, "derived", "int8, `OFFLOAD=text_encoder`"),
-    GpuClass("a6000", "48 GB (A6000)", 0.00034, 0.00024, 9.8, "derived", "bf16, `OFFLOAD=model` (no fp8 on Ampere)"),
+    GpuClass("a6000", "48 GB (A6000)", 0.00034, 0.00024, 9.9, "derived", "bf16, `OFFLOAD=model` (no fp8 on Ampere)"),
     GpuClass("a6000-int8", "48 GB (A6000)", 0.00034, 0.00024, 3.8, "derived", "int8, no offload"),
     GpuClass("l40s", "48 GB PRO (L40S)", 0.00053, 0.00037, 5.9, "derived", "bf16, `OFFLOAD=model`"),
     GpuClass("l40s-fp8", "48 GB PRO (L40S)", 0.00053, 0.00037, 2.2, "derived", "fp8, no offload"),
@@ -74,3 +81,22 @@ def gpu_class(name: str) -> GpuClass:
 def with_figures() -> list[str]:
     """The classes that have an execution figure (the default --grid over GPU classes)."""
     return [g.name for g in GPU_CLASSES.values() if g.job_s is not None]
+
+
+@functools.cache
+def real_graph_flops() -> dict[str, Any]:
+    """The worker's real-graph FLOP table: `source` (the command that wrote it) and one row per job."""
+    return json.loads(FLOPS_FILE.read_text())
+
+
+def job_tflop(variant: str = "edit-2511", megapixels: float = 1.0, phase: str | None = None) -> float:
+    """TFLOP of one job (3 steps, all phases), or of one `phase` (`denoise`: one pass), from the real graph."""
+    for row in real_graph_flops()["rows"]:
+        if row["variant"] == variant and row["megapixels"] == megapixels:
+            return float(row["job_tflop"] if phase is None else row["tflop"][phase])
+    raise ValueError(f"no real-graph FLOPs for {variant} at {megapixels:g} MP in {FLOPS_FILE.name}")
+
+
+def flops_label() -> str:
+    """Where the execution figures' FLOPs come from, for the plan's output."""
+    return f"from {job_tflop():.0f} TFLOP a 1 MP edit-2511 job, {real_graph_flops()['source']}"

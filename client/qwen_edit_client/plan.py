@@ -117,7 +117,8 @@ class Execution:
                              f"{catalog.BENCHMARKS}; pass --exec SECONDS, or logs, or a class with one: "
                              f"{', '.join(catalog.with_figures())}")
         return ([Job(a.at_s, gpu.job_s, a.images) for a in arrivals],
-                f"table: {gpu.name} {gpu.job_s:g} s, {gpu.job_source} ({catalog.BENCHMARKS}: {gpu.settings})")
+                f"table: {gpu.name} {gpu.job_s:g} s, {gpu.job_source} ({catalog.BENCHMARKS}: {gpu.settings}) "
+                f"{catalog.flops_label()}")
 
 
 @dataclass(frozen=True)

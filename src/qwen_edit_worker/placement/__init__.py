@@ -4,7 +4,9 @@
 `activations` the per-job memory estimate (tokens and batch in, bytes out); `jobs` sizes one
 request against a plan (batches, or a refusal); `python -m qwen_edit_worker.placement` prints a
 plan before deploying (`__main__`); `syncs` counts what would make the host wait for the GPU (a
-test and a command, on fake CUDA; not re-exported).  The package re-exports the names callers use.
+test and a command, on fake CUDA; not re-exported); `measure` and `flopstable` are the real-shape
+harness and the FLOP table it writes for the client and the docs (they import torch: not
+re-exported).  The package re-exports the names callers use.
 """
 
 from .activations import BASE_JOB, JobShape

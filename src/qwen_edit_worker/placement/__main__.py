@@ -4,7 +4,9 @@ Why this exists: choosing a GPU class and precisions is a deployment decision, a
 (what stays on the GPU, what crosses PCIe per job, the largest job, images per batch) should be
 known before paying for a worker.  It prints the same JSON object the worker logs at load and
 reports in each job's `model.placement`, from the real model's sizes (REFERENCE_BYTES) or from a
-diffusers folder's safetensors headers (`--model-path`).  Exit 0 when the plan fits; 1 with the
+diffusers folder's safetensors headers (`--model-path`), with the safety checker's 0.17 GB unless
+`--safety-checker off` (SAFETY_CHECKER's default, request, loads it; `safety_checker_included`
+says).  Exit 0 when the plan fits; 1 with the
 plan and its reason when nothing fits; 2 with one line on a bad argument.  Never a traceback.
 With `--megapixels` (and `--pictures`, `--images`) it answers one job instead: `fits`,
 `batched_images` (images a batch), `batches` and `peak_gb` by phase (`text`, `denoise`,
@@ -24,6 +26,8 @@ import sys
 from pathlib import Path
 
 from ..errors import RequestError
+from ..safety import DEFAULT_MODE as SAFETY_DEFAULT
+from ..safety import MODES as SAFETY_MODES
 from ..weights.precision import PRECISION_SETTINGS, PRECISIONS
 from ..weights.variants import DEFAULT_VARIANT, VARIANTS
 from .activations import JobShape
@@ -42,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--offload", choices=("auto", *MODES), default="auto", help="OFFLOAD (default auto)")
     parser.add_argument("--memory-saving", choices=("auto", "on", "off"), default="auto",
                         help="MEMORY_SAVING (auto: VAE slicing and tiling below 48 GB)")
+    parser.add_argument("--safety-checker", choices=SAFETY_MODES, default=SAFETY_DEFAULT,
+                        help=f"SAFETY_CHECKER (default {SAFETY_DEFAULT}; its 0.17 GB is counted unless off)")
     parser.add_argument("--megapixels", type=float, help="a job's output size in MP (answers that job)")
     parser.add_argument("--pictures", type=int, default=1, help="the job's input pictures (1 to 3)")
     parser.add_argument("--images", type=int, default=1, help="the job's num_images (1 to 4)")
@@ -67,27 +73,31 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         try:
             sizes = model_bytes(args.model_path, sized, args.text_encoder_precision)
+            if args.safety_checker != "off":  # a pipeline folder holds no checker: its reference size
+                sizes["safety_checker"] = reference_sizes(sized, args.text_encoder_precision)["safety_checker"]
         except (OSError, ValueError, KeyError) as err:
             print(f"--model-path: cannot read the safetensors headers in {args.model_path}: {err}", file=sys.stderr)
             return 2
         index = json.loads((args.model_path / "model_index.json").read_text())
         edit_plus = index.get("_class_name") != "QwenImageEditPipeline"
     else:
-        sizes = reference_sizes(sized, args.text_encoder_precision)
+        sizes = reference_sizes(sized, args.text_encoder_precision, args.safety_checker != "off")
         edit_plus = variant.pipeline_class != "QwenImageEditPipeline"
     tiled = None if args.memory_saving == "auto" else args.memory_saving == "on"
     result = plan(sizes, int(args.gpu_gb * GB), args.offload, quantised=args.precision != "bf16", vae_tiled=tiled,
                   edit_plus=edit_plus, precision=args.precision, text_encoder_precision=args.text_encoder_precision,
                   zero_cond_t=variant.zero_cond_t)
+    checker = {"safety_checker": args.safety_checker, "safety_checker_included": "safety_checker" in sizes}
     if args.megapixels is not None:
-        return _answer_job(result, args.megapixels, args.pictures, args.images, edit_plus)
+        return _answer_job(result, args.megapixels, args.pictures, args.images, edit_plus, checker)
     info = {**result.info(), "component_gb": {k: round(v / GB, 2) for k, v in sizes.items()},
-            "precision": args.precision, "text_encoder_precision": args.text_encoder_precision}
+            "precision": args.precision, "text_encoder_precision": args.text_encoder_precision, **checker}
     print(json.dumps(info, indent=2))
     return 0 if result.fits else 1
 
 
-def _answer_job(result: Plan, megapixels: float, pictures: int, images: int, edit_plus: bool) -> int:
+def _answer_job(result: Plan, megapixels: float, pictures: int, images: int, edit_plus: bool,
+                checker: dict[str, object]) -> int:
     """Print one job's answer under `result` (JSON); 0 when it fits, 1 with its reason when not."""
     one = JobShape.one_image(megapixels, pictures, edit_plus)
     job = JobShape(one.output_pixels, one.input_pixels, edit_plus=edit_plus, num_images=images)
@@ -105,7 +115,7 @@ def _answer_job(result: Plan, megapixels: float, pictures: int, images: int, edi
                       "peak_gb": {k: round(v / GB, 2) for k, v in peaks.items()},
                       "offload": result.offload, "gpu_gb": round((result.gpu_bytes or 0) / GB, 1),
                       "megapixels": megapixels, "pictures": pictures, "images": images,
-                      "vae_tiled": result.vae_tiled, "reason": reason}, indent=2))
+                      "vae_tiled": result.vae_tiled, **checker, "reason": reason}, indent=2))
     return 0 if batch >= 1 else 1
 
 

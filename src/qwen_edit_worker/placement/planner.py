@@ -58,14 +58,19 @@ REFERENCE_BYTES = {
     "transformer": {"bf16": int(40.86 * GB), "int8": int(20.46 * GB), "fp8": int(20.46 * GB)},
     "text_encoder": {"bf16": int(16.58 * GB), "int8": int(9.52 * GB), "fp8": int(9.52 * GB)},
     "vae": {"bf16": int(0.254 * GB)},
+    # Falconsai/nsfw_image_detection (ViTForImageClassification, ViT-base/16, 2 labels): 85,800,194
+    # parameters, counted on the meta device from its config, in bf16; loaded unless SAFETY_CHECKER=off.
+    "safety_checker": {"bf16": 2 * 85_800_194},
 }
 
 
-def reference_sizes(precision: str, text_encoder_precision: str) -> dict[str, int]:
-    """The real model's component bytes at these precisions (REFERENCE_BYTES)."""
-    return {"transformer": REFERENCE_BYTES["transformer"][precision],
-            "text_encoder": REFERENCE_BYTES["text_encoder"][text_encoder_precision],
-            "vae": REFERENCE_BYTES["vae"]["bf16"]}
+def reference_sizes(precision: str, text_encoder_precision: str, safety_checker: bool = True) -> dict[str, int]:
+    """The real model's component bytes at these precisions (REFERENCE_BYTES), with the safety checker's
+    when the worker loads it (`safety_checker`: SAFETY_CHECKER is not off; its default, request, loads it)."""
+    sizes = {"transformer": REFERENCE_BYTES["transformer"][precision],
+             "text_encoder": REFERENCE_BYTES["text_encoder"][text_encoder_precision],
+             "vae": REFERENCE_BYTES["vae"]["bf16"]}
+    return sizes | {"safety_checker": REFERENCE_BYTES["safety_checker"]["bf16"]} if safety_checker else sizes
 
 
 @dataclass(frozen=True)
