@@ -167,7 +167,8 @@ def run_job(step: Step, worker: Worker, megapixels: float, num_images: int = 1, 
                    compile=model["compile"], offload=model["offload"], stages_ms=stages,
                    ms_per_step=timing["ms_per_step"], handler_total_ms=timing["total_ms"],
                    outside_gpu_ms=round(job_ms - sum(stages.get(s, 0.0) for s in session_results.GPU_STAGES), 2),
-                   width=out["images"][0]["width"], height=out["images"][0]["height"], images=out["images"])
+                   width=out["images"][0]["width"], height=out["images"][0]["height"], images=out["images"],
+                   vae_tiled="vae_tiling" in model["memory_saving"])
     if record:
         step.emit("run", **{k: v for k, v in run.items() if k != "images"})
     return run

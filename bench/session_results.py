@@ -217,12 +217,13 @@ def decisions(results: dict[str, Any]) -> list[str]:
 
 
 def _derived_activation_bytes(run: dict[str, Any]) -> int | None:
-    """The placement's derived activation estimate for the run's job (one picture in), for the measured ratio."""
+    """The placement's activation estimate for the run's job (one picture in), for the measured ratio: the
+    larger of the denoising phase and the decode (phases run one after the other), the VAE as the run had it."""
     from qwen_edit_worker.placement import activations
 
     if not run.get("megapixels") or not run.get("num_images"):
         return None
     job = activations.JobShape.one_image(float(run["megapixels"]))
-    quantised = run.get("precision") in ("int8", "fp8")
-    return (activations.transformer_bytes(job, int(run["num_images"]), quantised)
-            + activations.vae_bytes(job, 1, tiled=False))
+    images, tiled = int(run["num_images"]), bool(run.get("vae_tiled"))
+    return max(activations.transformer_bytes(job, images, run.get("precision") or "bf16"),
+               activations.vae_bytes(job, 1 if tiled else images, tiled=tiled))
