@@ -104,8 +104,17 @@ def text_phase(job: JobShape, precision: str) -> Phase:
                  two.flops + (TEXT_LAYERS - 2) * (three.flops - two.flops))
 
 
+def _worker_matmul() -> None:
+    """int8 through the worker's own matmul, installed as its loader does (weights/int8_mm.py): what a GPU runs.
+    torchao's own takes a fake-tensor shortcut that skips the weight copy and the few-row fallback a GPU makes."""
+    from ..weights import int8_mm
+
+    int8_mm.install()
+
+
 def _text_layers(job: JobShape, precision: str, layers: int) -> Phase:
     length = TEMPLATE_HEAD + job.text_tokens()
+    _worker_matmul()
     with fakecuda.fake_cuda():
         encoder = fakecuda.text_encoder(precision, layers)
 
@@ -146,6 +155,7 @@ def denoise_phase(job: JobShape, batch: int, precision: str, zero_cond_t: bool, 
     tokens = output * output + sum(p * p for p in pictures)
     text = job.text_tokens()
     phases = []
+    _worker_matmul()
     for layers in ((1, 2) if flops else (2,)):
         with fakecuda.fake_cuda():
             model = fakecuda.transformer(zero_cond_t, precision, layers)
