@@ -63,17 +63,14 @@ JOB_FIXED_BYTES = int(0.05 * GB)  # latents, RoPE tables, the scheduler's copies
 # Fitted: the whole encoder sequence.  bf16: 29 hidden states (208 KB) + bf16 logits (304 KB); int8: the
 # quantised lm_head's int32 and float32 logits on top; fp8 about bf16's.
 TEXT_BYTES_PER_TOKEN = {"bf16": 512_100, "int8": 1_428_100, "fp8": 515_700}
-TEXT_FIXED_BYTES = int(0.05 * GB)
-# int8 through the worker's matmul (weights/int8_mm.py, as on a GPU): each linear's transposed weight is made
-# contiguous for cuBLAS and the few-row calls fall back to float32: a fixed ~0.36 GB measured over the slope.
-TEXT_FIXED_BYTES_INT8 = int(0.40 * GB)
+# Fitted: fixed bytes over the slope.  int8 through the worker's matmul (weights/int8_mm.py, as on a GPU): each
+# linear's transposed weight is made contiguous for cuBLAS and few-row calls fall back to float32: ~0.36 GB.
+TEXT_FIXED_BYTES = {"bf16": int(0.05 * GB), "int8": int(0.40 * GB), "fp8": int(0.05 * GB)}
 VISION_BYTES_PER_TOKEN = 4 * (3420 * 2 + 1280 * 4) * 2  # derived: 4 patches a token, MLP and residuals, bf16
 VAE_DECODE_BYTES_PER_PIXEL = 3_460  # fitted: 3.63 GB at 1 MP, 14.5 GB at 4 MP
 VAE_ENCODE_BYTES_PER_PIXEL = 1_934  # fitted: 2.03 GB at 1 MP
 VAE_TILED_FIXED_BYTES = int(0.25 * GB)  # fitted
 VAE_TILED_BYTES_PER_PIXEL = 50  # fitted
-# Kept for callers that read the old names.
-TEXT_ENCODER_ACTIVATION_BYTES = TEXT_FIXED_BYTES
 
 
 def precision_of(quantised: bool | str) -> str:
@@ -129,10 +126,9 @@ def transformer_bytes(job: JobShape, batch: int, quantised: bool | str, zero_con
 
 def text_bytes(job: JobShape, precision: str = "bf16") -> int:
     """Peak activation bytes of the text phase (the encoder's sequence: template head, prompt, vision tokens)."""
-    per_token = TEXT_BYTES_PER_TOKEN[precision_of(precision)]
-    fixed = TEXT_FIXED_BYTES_INT8 if precision_of(precision) == "int8" else TEXT_FIXED_BYTES
-    return int(((64 + job.text_tokens()) * per_token + job.vision_tokens() * VISION_BYTES_PER_TOKEN) * MARGIN) \
-        + fixed
+    name = precision_of(precision)
+    return int(((64 + job.text_tokens()) * TEXT_BYTES_PER_TOKEN[name] + job.vision_tokens() * VISION_BYTES_PER_TOKEN)
+               * MARGIN) + TEXT_FIXED_BYTES[name]
 
 
 def vae_bytes(job: JobShape, batch: int, tiled: bool) -> int:
