@@ -48,7 +48,6 @@ class LoadedModel:
     load_seconds: float = 0.0
     safety: safety.Checker | None = None  # SAFETY_CHECKER off: None
 
-
     def info(self, steps: int) -> dict[str, Any]:
         """The job output's `model` block."""
         return {
