@@ -26,7 +26,7 @@ import realshapes
 import session_results
 from qwen_edit_worker import placement
 from qwen_edit_worker.model import accel, attention, speedups, tiny
-from qwen_edit_worker.model.loader import LoadedModel
+from qwen_edit_worker.model.loaded import LoadedModel
 from qwen_edit_worker.safety import tiny as safety_tiny
 from qwen_edit_worker.serving.engine import Editor
 from qwen_edit_worker.serving.worker import WARM_UP_SIZE, WARM_UP_SIZE_TINY, Worker

@@ -192,7 +192,7 @@ class TestHub:
 
         def plan_for(p: str, t: str, gpu: int, mode: str = "auto") -> placement.Plan:
             sized = "int8" if p == "auto" else p
-            return placement.plan(placement.reference_sizes(sized, t), gpu, mode, quantised=sized != "bf16")
+            return placement.plan(placement.reference_sizes(sized, t), gpu, mode, precision=p)
 
         # the totals those cards report (MiB; tests/test_activations_grid.py): 24 GB, an RTX 3090/4090 or A5000;
         # the L4 (23,034 MiB) is below: there the transformer is streamed (checked below, docs/deploy.md says so)
@@ -213,12 +213,12 @@ class TestHub:
             assert plan.offload in ("none", "text_encoder"), (label, plan)  # the transformer is resident
             if plan.offload != "none":
                 assert s.memory_saving == "on"
-        l4 = placement.plan(placement.reference_sizes("int8", "int8"), 23_034 * 2**20, quantised=True,
+        l4 = placement.plan(placement.reference_sizes("int8", "int8"), 23_034 * 2**20,
                             precision="fp8", text_encoder_precision="int8")
         assert l4.offload == "group"  # fp8 on an L4, the safety checker counted: the transformer is streamed
         # the 24 GB preset's name says what the class admits (int8 / fp8 at 24,564 MiB) and that an L4 streams
         name = HUB["config"]["presets"][0]["name"]
-        on_24 = {p: placement.plan(placement.reference_sizes("int8", "int8"), reported["24 GB"], quantised=True,
+        on_24 = {p: placement.plan(placement.reference_sizes("int8", "int8"), reported["24 GB"],
                                    precision=p, text_encoder_precision="int8", vae_tiled=True) for p in ("int8", "fp8")}
         int8, fp8 = on_24["int8"], on_24["fp8"]
         assert f"~{int8.max_megapixels(1):.1f} MP, {int8.batched_images()} images a batch (int8)" in name

@@ -56,7 +56,7 @@ def plan_batching(job: JobShape, batch: int) -> placement.Plan:
     """A plan on the real int8 sizes whose GPU is just large enough for `batch` images of `job` at once."""
     sizes = reference_sizes("int8", "int8")
     def at(megabytes: int) -> placement.Plan:  # OFFLOAD=model: the transformer alone beside the job's activations
-        return placement.plan(sizes, megabytes * 10**6, "model", quantised=True)
+        return placement.plan(sizes, megabytes * 10**6, "model", precision="fp8")
 
     sizes_that_fit = [mb for mb in range(22_000, 22_500) if at(mb).batch_for(job) == batch]
     assert sizes_that_fit, "no GPU size gives that batch"
@@ -67,7 +67,7 @@ class TestRefusedBeforeTheGpu:
     def test_a_job_over_the_limit_is_refused_naming_megapixels_and_nothing_runs(self, worker_for: Any) -> None:
         worker = worker_for("edit-2511")
         worker.handle(small_job())  # loaded
-        plan = placement.plan(reference_sizes("int8", "int8"), 24_564 * 2**20, quantised=True, precision="int8",
+        plan = placement.plan(reference_sizes("int8", "int8"), 24_564 * 2**20, precision="int8",
                                 text_encoder_precision="int8")  # the total a 24 GB RTX 3090/4090 reports
         pipe = editor_of(worker).model.pipe
         big = base64.b64encode(encode_picture(Image.new("RGB", (2048, 2048), (40, 90, 160)))).decode()
@@ -84,7 +84,7 @@ class TestRefusedBeforeTheGpu:
     def test_request_lora_bytes_come_off_the_room_first(self) -> None:
         job = JobShape(MP, (MP,), num_images=4)
         # the total a 24 GB RTX 3090/4090 reports; 2 images a batch at 1 MP
-        plan = placement.plan(reference_sizes("int8", "int8"), 24_564 * 2**20, quantised=True, precision="int8",
+        plan = placement.plan(reference_sizes("int8", "int8"), 24_564 * 2**20, precision="int8",
                               text_encoder_precision="int8")
         assert placement.fit_job(plan, job).batch == 2
         transformer_bytes = placement.activations.transformer_bytes
@@ -99,14 +99,14 @@ class TestRefusedBeforeTheGpu:
                                                rf"of GPU memory, and beside the weights and this job's activations "
                                                rf"there is ~{spare / GB:.2f} GB"):
             placement.fit_job(plan, job, adapter_bytes=int(spare * 1.2))
-        on_48 = placement.plan(reference_sizes("int8", "int8"), 48 * GB, quantised=True)
+        on_48 = placement.plan(reference_sizes("int8", "int8"), 48 * GB, precision="fp8")
         # room enough for 0.8 GB of adapters: nothing changes (1 GB, beside the safety checker's 0.17 GB, takes one)
         with_adapters = placement.fit_job(on_48, job, adapter_bytes=int(0.8 * GB))
         assert placement.fit_job(on_48, job).batch == with_adapters.batch == 4
 
     def test_the_same_job_runs_within_the_limit(self, worker_for: Any) -> None:
         worker = worker_for("edit-2511")
-        plan = placement.plan(reference_sizes("int8", "int8"), 24 * GB, quantised=True)
+        plan = placement.plan(reference_sizes("int8", "int8"), 24 * GB, precision="fp8")
         with injected(worker, plan):
             out = worker.handle(small_job(width=64, height=64))
         assert "error" not in out and out["model"]["placement"] == plan.info()
@@ -175,7 +175,7 @@ class TestQuantisedByBlock:
 def test_the_load_log_carries_the_plan_the_jobs_report(caplog: pytest.LogCaptureFixture) -> None:
     import json
 
-    with caplog.at_level(logging.INFO, logger="qwen_edit_worker.model.loader"):
+    with caplog.at_level(logging.INFO, logger="qwen_edit_worker.model"):
         worker = Worker(tiny_env())
         out = worker.handle(small_job())
     logged = [r.getMessage().removeprefix("placement: ") for r in caplog.records
@@ -293,17 +293,17 @@ class TestReadByBlock:
 class TestTextEncoderRead:
     def test_read_first_only_where_the_bf16_encoder_fits_the_gpu_alone(self, tmp_path: Any) -> None:
         """A 16 GB card cannot hold the 16.6 GB bf16 encoder: it loads on the host, quantised layer by layer."""
-        from qwen_edit_worker.model import loader, sources
+        from qwen_edit_worker.model import choices, sources
         from qwen_edit_worker.settings import Settings
 
         stored = reference_sizes("bf16", "bf16")
         source = sources.ModelSource(tmp_path, "folder", None, None)
         int8 = Settings.from_env(tiny_env(TEXT_ENCODER_PRECISION="int8"))
         bf16 = Settings.from_env(tiny_env())
-        assert loader._encoder_first(int8, source, stored, 24 * GB)
-        assert loader._encoder_first(int8, source, stored, None)  # the CPU runs the same path
-        assert not loader._encoder_first(int8, source, stored, 16 * GB)
-        assert not loader._encoder_first(bf16, source, stored, 80 * GB)  # nothing to quantise
+        assert choices.encoder_goes_first(int8, source, stored, 24 * GB)
+        assert choices.encoder_goes_first(int8, source, stored, None)  # the CPU runs the same path
+        assert not choices.encoder_goes_first(int8, source, stored, 16 * GB)
+        assert not choices.encoder_goes_first(bf16, source, stored, 80 * GB)  # nothing to quantise
     def test_read_onto_the_device_and_quantised_there_equals_the_whole_loaded_encoder_quantised(
             self, tiny_folder: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
         """A bf16 folder with TEXT_ENCODER_PRECISION=int8: the encoder is read on its own, straight onto the device

@@ -36,8 +36,8 @@ EXPECTED = {  # GPU GB -> placement, per precision pair (fastest that fits with 
 
 def make_plan(pair: str, gpu_gb: float, **options: object) -> placement.Plan:
     precision, text = PAIRS[pair]
-    return placement.plan(reference_sizes(precision, text), int(gpu_gb * GB), quantised=precision != "bf16",
-                          precision=precision, text_encoder_precision=text, **options)  # type: ignore[arg-type]
+    return placement.plan(reference_sizes(precision, text), int(gpu_gb * GB), precision=precision,
+                          text_encoder_precision=text, **options)  # type: ignore[arg-type]
 
 
 def peak(plan: placement.Plan, pair: str, job: JobShape, batch: int) -> int:
@@ -58,7 +58,7 @@ class TestPlan:
         assert plan.fits and plan.offload == EXPECTED[pair][gpu_gb]
         assert plan.need_bytes <= gpu_gb * GB
         for faster in placement.MODES[:placement.MODES.index(plan.offload)]:  # and nothing faster fits
-            assert placement.need(faster, sizes, quantised=plan.transformer_precision(), vae_tiled=plan.vae_tiled,
+            assert placement.need(faster, sizes, precision=plan.transformer_precision(), vae_tiled=plan.vae_tiled,
                                   text_encoder_precision=plan.text_encoder_precision)[0] > gpu_gb * GB
         assert plan.reason.startswith("fastest that fits")
 
@@ -160,8 +160,8 @@ class TestJobLimits:
         assert plus.text_tokens() == 64 + 67 + 2 * (392 * 392 // 784)
         edit = JobShape.one_image(1.0, pictures=1, edit_plus=False)
         assert edit.tokens() == 2 * 4096 + 64 + 67 + 1036 * 1036 // 784
-        assert activations.transformer_bytes(plus, 2, False) - activations.JOB_FIXED_BYTES == pytest.approx(
-            2 * (activations.transformer_bytes(plus, 1, False) - activations.JOB_FIXED_BYTES), abs=2)
+        assert activations.transformer_bytes(plus, 2, "bf16") - activations.JOB_FIXED_BYTES == pytest.approx(
+            2 * (activations.transformer_bytes(plus, 1, "bf16") - activations.JOB_FIXED_BYTES), abs=2)
 
 
 class TestCommand:

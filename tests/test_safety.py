@@ -22,7 +22,7 @@ from fake_queue import deployed_worker, serve_queue
 from qwen_edit_worker import placement, safety
 from qwen_edit_worker.errors import ModelLoadError, RequestError
 from qwen_edit_worker.safety import tiny
-from qwen_edit_worker.safety.checker import to_model_input
+from qwen_edit_worker.safety.classifier import to_model_input
 from qwen_edit_worker.serving.worker import Worker
 from test_outputs import bucket_env, client, s3  # noqa: F401 (s3: the loopback S3 server fixture)
 

@@ -12,7 +12,7 @@ figure must say where it came from.  Sources, November 2026:
   ("Cost per image by RunPod GPU class").  Each row is marked measured or derived as that page
   marks it; today every GPU figure there is derived (FLOPs and published anchors), none measured.
   The FLOPs are the real graph's (real_graph_flops.json, written by the worker's harness:
-  `python -m qwen_edit_worker.placement.measure --flop-table ...`; this client reads the file and
+  `python -m qwen_edit_worker.placement.flopstable ...`; this client reads the file and
   never imports torch).  Classes without a figure take --exec or a log's times;
 - cold start: without FlashBoot, container start plus reading ~58 GB of weights at ~2 GB/s
   (docs/deploy.md: ~30-40 s; 40 s is used); with FlashBoot, RunPod restores a recent snapshot

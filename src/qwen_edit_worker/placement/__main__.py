@@ -84,8 +84,8 @@ def main(argv: list[str] | None = None) -> int:
         sizes = reference_sizes(sized, args.text_encoder_precision, args.safety_checker != "off")
         edit_plus = variant.pipeline_class != "QwenImageEditPipeline"
     tiled = None if args.memory_saving == "auto" else args.memory_saving == "on"
-    result = plan(sizes, int(args.gpu_gb * GB), args.offload, quantised=args.precision != "bf16", vae_tiled=tiled,
-                  edit_plus=edit_plus, precision=args.precision, text_encoder_precision=args.text_encoder_precision,
+    result = plan(sizes, int(args.gpu_gb * GB), args.offload, precision=args.precision, vae_tiled=tiled,
+                  edit_plus=edit_plus, text_encoder_precision=args.text_encoder_precision,
                   zero_cond_t=variant.zero_cond_t)
     checker = {"safety_checker": args.safety_checker, "safety_checker_included": "safety_checker" in sizes}
     if args.megapixels is not None:

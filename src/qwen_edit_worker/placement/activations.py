@@ -73,11 +73,9 @@ VAE_TILED_FIXED_BYTES = int(0.25 * GB)  # fitted
 VAE_TILED_BYTES_PER_PIXEL = 50  # fitted
 
 
-def precision_of(quantised: bool | str) -> str:
-    """A precision name; a bare `quantised` flag counts as fp8, the larger of int8 and fp8."""
-    if isinstance(quantised, str):
-        return "fp8" if quantised == "auto" else quantised
-    return "fp8" if quantised else "bf16"
+def precision_of(precision: str) -> str:
+    """A precision the fitted figures know: `auto` counts as fp8, the larger of int8 and fp8."""
+    return "fp8" if precision == "auto" else precision
 
 
 @dataclass(frozen=True)
@@ -114,14 +112,14 @@ class JobShape:
 BASE_JOB = JobShape.one_image(1.0)
 
 
-def _per_image(job: JobShape, precision: bool | str, zero_cond_t: bool) -> float:
+def _per_image(job: JobShape, precision: str, zero_cond_t: bool) -> float:
     image, text = DENOISE_BYTES_PER_TOKEN[(precision_of(precision), zero_cond_t)]
     return (job.tokens() - job.text_tokens()) * image + job.text_tokens() * text
 
 
-def transformer_bytes(job: JobShape, batch: int, quantised: bool | str, zero_cond_t: bool = True) -> int:
-    """Peak activation bytes of one transformer pass over `batch` images of `job` (precision or quantised flag)."""
-    return int(_per_image(job, quantised, zero_cond_t) * batch * MARGIN) + JOB_FIXED_BYTES
+def transformer_bytes(job: JobShape, batch: int, precision: str, zero_cond_t: bool = True) -> int:
+    """Peak activation bytes of one transformer pass over `batch` images of `job` at the transformer's precision."""
+    return int(_per_image(job, precision, zero_cond_t) * batch * MARGIN) + JOB_FIXED_BYTES
 
 
 def text_bytes(job: JobShape, precision: str = "bf16") -> int:
@@ -140,21 +138,21 @@ def vae_bytes(job: JobShape, batch: int, tiled: bool) -> int:
     return int(max(encode, job.output_pixels * VAE_DECODE_BYTES_PER_PIXEL * batch) * MARGIN)
 
 
-def largest_batch(job: JobShape, transformer_room: int, vae_room: int, quantised: bool | str, tiled: bool,
+def largest_batch(job: JobShape, transformer_room: int, vae_room: int, precision: str, tiled: bool,
                   zero_cond_t: bool = True) -> int:
     """How many images of `job` fit one batch in the rooms left beside the weights (0: not even one)."""
     batch = 0
-    while batch < 64 and transformer_bytes(job, batch + 1, quantised, zero_cond_t) <= transformer_room \
+    while batch < 64 and transformer_bytes(job, batch + 1, precision, zero_cond_t) <= transformer_room \
             and vae_bytes(job, batch + 1, tiled) <= vae_room:
         batch += 1
     return batch
 
 
-def largest_megapixels(transformer_room: int, vae_room: int, quantised: bool | str, tiled: bool, pictures: int = 1,
+def largest_megapixels(transformer_room: int, vae_room: int, precision: str, tiled: bool, pictures: int = 1,
                        edit_plus: bool = True, zero_cond_t: bool = True) -> float:
     """The largest output (MP) of a one-image job with `pictures` inputs of the same area that fits the rooms."""
     def fits(mp: float) -> bool:
-        return largest_batch(JobShape.one_image(mp, pictures, edit_plus), transformer_room, vae_room, quantised,
+        return largest_batch(JobShape.one_image(mp, pictures, edit_plus), transformer_room, vae_room, precision,
                              tiled, zero_cond_t) >= 1
 
     low, high = 0.0, 64.0

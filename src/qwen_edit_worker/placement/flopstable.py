@@ -7,14 +7,17 @@ must not import torch, so the harness writes them once to a JSON file inside the
 (client/qwen_edit_client/real_graph_flops.json) and the client reads that; a test re-measures
 entries with the harness and checks the file.
 
-`python -m qwen_edit_worker.placement.measure --flop-table PATH` writes it (about two minutes on
-two cores).  Each row is one job: the variant, the output megapixels, one picture of the same
-size, one image, ~67 prompt tokens, bf16 arithmetic (int8/fp8 do the same arithmetic).
+`python -m qwen_edit_worker.placement.flopstable PATH` writes it (about two minutes on two cores).
+This module reads the harness (measure.py); the harness knows nothing of the table.  Each row is
+one job: the variant, the output megapixels, one picture of the same size, one image, ~67 prompt
+tokens, bf16 arithmetic (int8/fp8 do the same arithmetic).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +26,7 @@ from .measure import Job, measure
 
 STEPS = 3  # the Lightning LoRA's steps: one transformer pass each (no classifier-free guidance)
 MEGAPIXELS = (0.5, 1.0, 2.0)
-COMMAND = "python -m qwen_edit_worker.placement.measure --flop-table client/qwen_edit_client/real_graph_flops.json"
+COMMAND = "python -m qwen_edit_worker.placement.flopstable client/qwen_edit_client/real_graph_flops.json"
 SOURCE = f"derived from the real graph ({COMMAND})"
 
 
@@ -50,3 +53,15 @@ def write(path: Path) -> dict[str, Any]:
     data = table()
     path.write_text(json.dumps(data, indent=1) + "\n")
     return data
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m qwen_edit_worker.placement.flopstable",
+                                     description="Write the real graph's FLOPs, every variant at 0.5, 1 and 2 MP.")
+    parser.add_argument("path", type=Path, help="the JSON file (client/qwen_edit_client/real_graph_flops.json)")
+    write(parser.parse_args(argv).path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

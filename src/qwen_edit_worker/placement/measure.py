@@ -227,15 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precision", choices=PRECISIONS, default="bf16")
     parser.add_argument("--text-encoder-precision", choices=PRECISIONS, default="bf16")
     parser.add_argument("--tiled", action="store_true", help="MEMORY_SAVING on: VAE slicing and tiling")
-    parser.add_argument("--flop-table", metavar="PATH",
-                        help="write the real graph's FLOPs, every variant at 0.5, 1 and 2 MP (flopstable.py)")
     args = parser.parse_args(argv)
-    if args.flop_table:
-        from pathlib import Path
-
-        from . import flopstable
-        flopstable.write(Path(args.flop_table))
-        return 0
     if not 0 < args.megapixels <= 16 or not 1 <= args.pictures <= 3 or not 1 <= args.images <= 16 \
             or args.prompt_tokens < 0:
         print("--megapixels in (0, 16], --pictures 1 to 3, --images 1 to 16, --prompt-tokens >= 0", file=sys.stderr)

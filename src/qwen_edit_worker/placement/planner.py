@@ -94,15 +94,19 @@ class Plan:
     reason: str
     resident_bytes: int = 0  # weights that stay on the GPU between jobs
     rooms: Rooms | None = None  # None: no GPU, no limit
-    quantised: bool = False  # transformer int8/fp8 (activation copies counted)
     vae_tiled: bool = False
     edit_plus: bool = True
-    precision: str = ""  # the transformer's (bf16/int8/fp8; empty: fp8 if quantised, else bf16)
+    precision: str = "bf16"  # the transformer's as planned (bf16, int8 or fp8: PRECISION=auto is planned as fp8)
     text_encoder_precision: str = "bf16"
     zero_cond_t: bool = True  # 2511's per-token gates (the larger activations when the variant is not known)
 
+    @property
+    def quantised(self) -> bool:
+        """Whether the transformer is int8/fp8 (its activation copies counted): derived from `precision`."""
+        return self.precision != "bf16"
+
     def transformer_precision(self) -> str:
-        return self.precision or activations.precision_of(self.quantised)
+        return self.precision
 
     def batch_for(self, job: JobShape) -> int:
         """Images of `job` that fit one batch (at most its num_images; 0: not even one). No GPU: all of them."""
@@ -193,19 +197,20 @@ def rooms(mode: str, sizes: Mapping[str, int], gpu_bytes: int) -> Rooms:
     return Rooms(*(gpu_bytes - RESERVE_BYTES - weights[phase] for phase in PHASES))
 
 
-def need(mode: str, sizes: Mapping[str, int], job: JobShape = BASE_JOB, quantised: bool | str = False,
+def need(mode: str, sizes: Mapping[str, int], job: JobShape = BASE_JOB, precision: str = "bf16",
          vae_tiled: bool = False, steps: int = DEFAULT_STEPS, text_encoder_precision: str = "bf16",
          zero_cond_t: bool = True) -> tuple[int, int]:
-    """(peak GPU bytes, bytes moved to the GPU per job) of placement `mode` for component `sizes` and `job`."""
+    """(peak GPU bytes, bytes moved to the GPU per job) of placement `mode` for component `sizes` and `job`,
+    the transformer at `precision`."""
     weights = phase_weights(mode, sizes)
     peak = max(weights["text"] + activations.text_bytes(job, text_encoder_precision),
-               weights["denoise"] + activations.transformer_bytes(job, 1, quantised, zero_cond_t),
+               weights["denoise"] + activations.transformer_bytes(job, 1, precision, zero_cond_t),
                weights["decode"] + activations.vae_bytes(job, 1, vae_tiled))
     return peak + RESERVE_BYTES, moved(mode, sizes, steps)
 
 
-def plan(sizes: Mapping[str, int], gpu_bytes: int | None, mode: str = "auto", *, quantised: bool = False,
-         vae_tiled: bool | None = None, edit_plus: bool = True, steps: int = DEFAULT_STEPS, precision: str = "",
+def plan(sizes: Mapping[str, int], gpu_bytes: int | None, mode: str = "auto", *, precision: str = "bf16",
+         vae_tiled: bool | None = None, edit_plus: bool = True, steps: int = DEFAULT_STEPS,
          text_encoder_precision: str = "bf16", zero_cond_t: bool = True) -> Plan:
     """The placement for OFFLOAD=`mode`: as given, or (auto) the fastest that fits `gpu_bytes` with the base job.
 
@@ -213,14 +218,16 @@ def plan(sizes: Mapping[str, int], gpu_bytes: int | None, mode: str = "auto", *,
     `gpu_bytes` is None without a GPU (then everything stays on the CPU, placement `none`, no job limit).
     `vae_tiled` None means MEMORY_SAVING=auto (tiled below 48 GB).  `precision` (the transformer's,
     auto counting as fp8), `text_encoder_precision` and `zero_cond_t` (the variant) choose the
-    fitted activation figures; without `precision`, `quantised` counts as fp8.
+    fitted activation figures.
     """
-    chosen = activations.precision_of(precision or quantised)
+    chosen = activations.precision_of(precision)
     total = sum(sizes.values())
     if gpu_bytes is None:
         if mode in ("auto", "none"):
-            return Plan("none", True, total, None, 0, "no GPU: every component runs on the CPU", total)
-        return Plan(mode, False, total, None, 0, f"OFFLOAD={mode} moves weights to a GPU and there is none")
+            return Plan("none", True, total, None, 0, "no GPU: every component runs on the CPU", total,
+                        precision=chosen, text_encoder_precision=text_encoder_precision)
+        return Plan(mode, False, total, None, 0, f"OFFLOAD={mode} moves weights to a GPU and there is none",
+                    precision=chosen, text_encoder_precision=text_encoder_precision)
     tiled = gpu_bytes < LARGE_GPU_BYTES if vae_tiled is None else vae_tiled
     base = JobShape.one_image(1.0, edit_plus=edit_plus)
 
@@ -230,8 +237,7 @@ def plan(sizes: Mapping[str, int], gpu_bytes: int | None, mode: str = "auto", *,
             reason += (f"; moves {_gb(carried)} over PCIe per job, ~{carried / PCIE_BYTES_PER_SECOND:.1f} s at "
                        f"{PCIE_BYTES_PER_SECOND / GB:.0f} GB/s (derived)")
         return Plan(candidate, fits, peak, gpu_bytes, carried, reason, resident(candidate, sizes),
-                    rooms(candidate, sizes, gpu_bytes), chosen != "bf16", tiled, edit_plus, chosen,
-                    text_encoder_precision, zero_cond_t)
+                    rooms(candidate, sizes, gpu_bytes), tiled, edit_plus, chosen, text_encoder_precision, zero_cond_t)
 
     def peak(candidate: str) -> int:
         return need(candidate, sizes, base, chosen, tiled, steps, text_encoder_precision, zero_cond_t)[0]

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import SettingsError
-from .checker import Checker
+from .classifier import Checker
 
 HIDDEN = 16
 IMAGE_SIZE = 224  # the real model's input, so the resize is the real one

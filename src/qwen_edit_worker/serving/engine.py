@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 
 from ..accounting.timing import StageClock
-from ..model.loader import LoadedModel
+from ..model.loaded import LoadedModel
 from .gpu_section import GpuSection
 
 PIPELINE_DEFAULT_AREA = 1024 * 1024

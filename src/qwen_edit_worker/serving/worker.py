@@ -66,7 +66,7 @@ class Worker:
         return self.settings.concurrency if self.settings is not None else 1
 
     def _load(self) -> Any:
-        from ..model.loader import load_model
+        from ..model.sequence import load_model
         from ..model.speedups import warm_up
         from .engine import Editor
 
