@@ -25,7 +25,7 @@ import benchlib
 import realshapes
 import session_results
 from qwen_edit_worker import placement
-from qwen_edit_worker.model import accel, attention, speedups, tiny
+from qwen_edit_worker.model import accel, attention, speedups, text_phase, tiny
 from qwen_edit_worker.model.loaded import LoadedModel
 from qwen_edit_worker.safety import tiny as safety_tiny
 from qwen_edit_worker.serving.engine import Editor
@@ -99,6 +99,7 @@ def build_model(settings: Settings, tiny_mode: bool, gpu_bytes: int | None = Non
         pipe = cls(**tiny.build_components(settings.variant, lightning.lightning_scheduler(tiny.base_scheduler())))
     else:
         pipe = cls(**realshapes.components(DEVICE, DTYPE, settings.variant.zero_cond_t, seed))
+    text_phase.hidden_states_only(pipe.text_encoder)  # as the load sequence does: no lm_head, no logits
     if settings.precision != "bf16":
         precision.quantise_transformer(pipe.transformer, settings.precision)
     seq = 256 if tiny_mode else attention.sequence_length(settings.variant)

@@ -132,9 +132,9 @@ class TestCatalog:
         """The client's FLOPs come from the harness's table (real_graph_flops.json; tests/test_fakecuda.py re-measures
         it), and docs/benchmarks.md and docs/deploy.md print that table's figures, labelled as derived from it."""
         table = catalog.real_graph_flops()
-        assert table["source"].startswith("derived from the real graph (python -m qwen_edit_worker.placement.measure")
+        assert table["source"].startswith("derived from the real graph (python -m qwen_edit_worker.placement.flopst")
         assert catalog.job_tflop("edit-2511", 1.0, "denoise") == 169.31
-        assert catalog.job_tflop() == 532.6
+        assert catalog.job_tflop() == 532.17
         with pytest.raises(ValueError, match="0.3 MP"):
             catalog.job_tflop("edit", 0.3)
         text = (ROOT / "docs" / "benchmarks.md").read_text()
@@ -182,7 +182,7 @@ class TestCommand:
         meeting = [r for r in results if r["latency_s"]["p95"] <= 20]
         assert out["recommended"] == min(meeting, key=lambda r: r["usd_per_image"])
         assert {r["execution_source"].split(",")[1].strip() for r in results} == {
-            "derived (docs/benchmarks.md: bf16) from 533 TFLOP a 1 MP edit-2511 job",
+            "derived (docs/benchmarks.md: bf16) from 532 TFLOP a 1 MP edit-2511 job",
             "derived (docs/benchmarks.md: fp8"}
         assert all(r["execution_source"].endswith(catalog.real_graph_flops()["source"]) for r in results)
         with Image.open(chart) as img:

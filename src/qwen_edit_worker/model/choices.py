@@ -87,7 +87,7 @@ def decide(settings: Settings) -> LoadPlan:
                         _component_fits(None, "transformer", gpu_bytes))
     # Decided from the safetensors headers before any weight is read.
     plan = plan_for(settings, source.path, gpu_bytes, checker_folder)
-    stored = placement.model_bytes(source.path, "bf16", "bf16")  # as on disk, in bf16
+    stored = placement.model_bytes(source.path, "bf16", "bf16", held=False)  # every weight as read, in bf16
     straight = plan.offload == "none" and _stored_fits(stored, gpu_bytes)
     # A bf16 bake with TEXT_ENCODER_PRECISION int8|fp8: the encoder is read onto the device and quantised there
     # first, while the GPU is still empty (model/text_encoder.py); on a GPU smaller than the bf16 encoder (the

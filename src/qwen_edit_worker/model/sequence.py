@@ -22,7 +22,7 @@ from .. import placement, safety
 from ..errors import ModelLoadError
 from ..settings import Settings
 from ..weights import lightning, lightning_file, precision
-from . import accel, attention, choices, speedups
+from . import accel, attention, choices, speedups, text_phase
 from .choices import LoadPlan
 from .loaded import LoadedModel
 
@@ -38,6 +38,7 @@ def load_model(settings: Settings) -> LoadedModel:
     encoder = read_text_encoder(how)
     transformer = read_transformer(how)
     pipe = assemble(how, transformer, encoder)
+    text_phase.hidden_states_only(pipe.text_encoder)  # before quantising it and before offload hooks wrap it
     checker = safety.load_for(how.settings.safety_checker, how.checker_folder, how.device, how.dtype,
                               how.settings.tiny_safety_flags)
     plan = how.plan or placement.plan(_resident_bytes(pipe, checker), how.gpu_bytes, how.settings.offload,

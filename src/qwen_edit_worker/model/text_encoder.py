@@ -7,10 +7,11 @@ transformers' `from_pretrained` with `device_map={"": device}`: transformers (5.
 `modeling_utils._load_pretrained_model`) opens each safetensors file with the mmap backend, keeps
 lazy slices, and materialises one tensor at a time (a few on its loader threads) straight to
 `device`, so the host holds a few tensors beyond the page cache.  The encoder is then quantised on
-`device` with weights/precision.py (the vision tower, and a tied `lm_head`, kept bf16) and left on
-`home`: the GPU when the placement keeps everything resident, else the CPU, as int8/fp8 (9.5 GB of
-host memory instead of 16.6), where accel.place takes it from there.  The loader hands it to the
-pipeline's `from_pretrained` as `text_encoder=`, so it is read once.
+`device` with weights/precision.py (the vision tower kept bf16; lm_head dropped first, never run:
+model/text_phase.py) and left on `home`: the GPU when the placement keeps everything resident, else
+the CPU, as int8/fp8 (9.0 GB of host memory instead of 16.6), where accel.place takes it from
+there.  The loader hands it to the pipeline's `from_pretrained` as `text_encoder=`, so it is read
+once.
 
 GPU memory during this step: the whole bf16 encoder (16.6 GB) plus one layer's quantisation temp.
 That fits a 24 GB GPU only because it runs before the transformer reaches the GPU; the loader
@@ -27,6 +28,7 @@ from typing import Any
 
 from ..errors import ModelLoadError
 from ..weights import precision
+from . import text_phase
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +58,7 @@ def load_text_encoder(pipeline_folder: Path, dtype: Any, device: str, home: str,
     except (OSError, ValueError, KeyError, RuntimeError, TypeError) as err:
         raise ModelLoadError("MODEL_PATH", f"cannot load the text encoder from {pipeline_folder}: {err}") from None
     read_seconds = time.perf_counter() - started
+    text_phase.hidden_states_only(encoder)  # lm_head dropped before quantising: it never runs
     done = precision.quantise_by_block(encoder, quantise_to, device, device, precision.text_encoder_chosen(encoder))
     if str(home) != str(device):
         encoder.to(home)

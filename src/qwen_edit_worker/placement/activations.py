@@ -25,10 +25,10 @@ token fits each (precision, variant) exactly; MARGIN (5%) and the fixed bytes si
   torchao's activation copies: int8 +74 KB, fp8 +135 KB a token over bf16 (float32 copies of the
   MLP's wide input).  At 1 MP with one picture (8,519 tokens): 2509 bf16 0.78 GB, 2511 bf16 0.88,
   2511 int8 1.48, 2511 fp8 1.99 GB measured.
-- Text encoder: its language model computes the logits of every token (`lm_head` runs: 152,064
-  vocabulary x 2 bytes) and keeps all 29 hidden states (`output_hidden_states=True`), per token
-  of the whole sequence (the 64-token template head included).  The vision tower is not run by the
-  harness (data-dependent splits); its allowance is DERIVED from its shapes (VISION_BYTES_PER_TOKEN).
+- Text encoder: its language model over the whole sequence (the 64-token template head included),
+  hidden states only (model/text_phase.py: no lm_head, no logits, no key/value cache, one layer's
+  activations alive at a time), per token.  The vision tower is not run by the harness
+  (data-dependent splits); its allowance is DERIVED from its shapes (VISION_BYTES_PER_TOKEN).
 - VAE: the untiled decoder keeps its causal-conv caches at full resolution, DECODE bytes a pixel a
   picture decoded together; the untiled encoder, ENCODE bytes a pixel of the largest picture (one
   at a time).  Tiled (MEMORY_SAVING: slicing and tiling), a fixed part plus a small per-pixel part
@@ -60,12 +60,15 @@ DENOISE_BYTES_PER_TOKEN = {
     ("fp8", False): (228_700, 37_888), ("fp8", True): (241_000, 37_888),
 }
 JOB_FIXED_BYTES = int(0.05 * GB)  # latents, RoPE tables, the scheduler's copies (measured within the slopes)
-# Fitted: the whole encoder sequence.  bf16: 29 hidden states (208 KB) + bf16 logits (304 KB); int8: the
-# quantised lm_head's int32 and float32 logits on top; fp8 about bf16's.
-TEXT_BYTES_PER_TOKEN = {"bf16": 512_100, "int8": 1_428_100, "fp8": 515_700}
+# Fitted: the whole encoder sequence, hidden states only (model/text_phase.py: one layer's activations alive at a
+# time, no logits, no key/value cache; measured from 324 to 5,524 tokens).  bf16: one layer's MLP and attention;
+# int8 adds the activations' int8 copies and int32 products; fp8 its float8 copies and scales.  (With the whole
+# model's call, 29 hidden states and every token's logits, it was 512 KB a token in bf16 and 1.43 MB in int8.)
+TEXT_BYTES_PER_TOKEN = {"bf16": 142_900, "int8": 222_300, "fp8": 313_400}
 # Fitted: fixed bytes over the slope.  int8 through the worker's matmul (weights/int8_mm.py, as on a GPU): each
-# linear's transposed weight is made contiguous for cuBLAS and few-row calls fall back to float32: ~0.36 GB.
-TEXT_FIXED_BYTES = {"bf16": int(0.05 * GB), "int8": int(0.40 * GB), "fp8": int(0.05 * GB)}
+# linear's transposed weight is made contiguous for cuBLAS and few-row calls fall back to float32: up to ~0.05 GB
+# (the largest linear is now an MLP's, 68 M weights: the lm_head's 545 M no longer runs).
+TEXT_FIXED_BYTES = {"bf16": 0, "int8": int(0.05 * GB), "fp8": 0}
 VISION_BYTES_PER_TOKEN = 4 * (3420 * 2 + 1280 * 4) * 2  # derived: 4 patches a token, MLP and residuals, bf16
 VAE_DECODE_BYTES_PER_PIXEL = 3_460  # fitted: 3.63 GB at 1 MP, 14.5 GB at 4 MP
 VAE_ENCODE_BYTES_PER_PIXEL = 1_934  # fitted: 2.03 GB at 1 MP

@@ -5,8 +5,9 @@ worker admits, so its numbers must come from the real model's graph, not from co
 This runs each phase of a job the way the pipelines do, on the real components built from their
 real configs on fake tensors (placement/fakecuda.py), and counts the bytes alive beyond the
 weights (placement/memcount.py) and the FLOPs:
-- `text`: the Qwen2.5-VL encoder over the prompt template, the prompt and the pictures' vision
-  tokens, `output_hidden_states=True` and the logits of every token, as the pipelines call it;
+- `text`: the Qwen2.5-VL language model over the prompt template, the prompt and the pictures'
+  vision tokens, as the worker calls it (model/text_phase.py: the last hidden state only, no
+  lm_head, no logits, no key/value cache);
 - `encode`: the VAE encoding each picture at its working size (one at a time, as the pipelines do);
 - `denoise`: one transformer pass over the batch (output latents + every conditioning picture's
   latents + the prompt embeddings), the latents and conditioning kept alive beside it;
@@ -90,12 +91,12 @@ def _counted(run: Any, flops: bool = True) -> Phase:
 
 
 def text_phase(job: JobShape, precision: str) -> Phase:
-    """The text encoder's language model over the whole prompt sequence, hidden states kept, logits of every token.
+    """The text encoder's language model over the whole prompt sequence, its last hidden state kept.
 
-    As the pipelines call it: the template head, the prompt and each picture's vision tokens
-    (`output_hidden_states=True`; `lm_head` runs on every token).  Each layer keeps its hidden
-    state, so the peak grows by one state a layer: measured with 2 and 3 layers and extended to
-    the real 28 (tests/test_activations_grid.py checks 4 against the line).  The vision tower
+    As the worker calls it (model/text_phase.py): the template head, the prompt and each picture's
+    vision tokens, the last hidden state only (no lm_head, no logits, no key/value cache).  Measured
+    with 2 and 3 layers and extended to the real 28 (tests/test_activations_grid.py checks 4 against
+    the line: with one hidden state alive at a time the layers add nothing).  The vision tower
     itself is not run here: its window attention splits by data-dependent lengths, which fake
     tensors cannot give (activations.py adds the tower's own activations from its shapes).
     """
@@ -121,12 +122,12 @@ def _text_layers(job: JobShape, precision: str, layers: int) -> Phase:
         def run() -> None:
             embeds = encoder.get_input_embeddings()(torch.zeros(1, length, dtype=torch.long))
             positions = torch.zeros(3, 1, length, dtype=torch.long)
+            # model/text_phase.py's call, below the vision tower: no hidden states kept, no cache, no head
             out = encoder.model.language_model(inputs_embeds=embeds, position_ids=positions, attention_mask=None,
-                                               output_hidden_states=True, use_cache=False)
+                                               use_cache=False)
             del embeds
-            logits = encoder.lm_head(out.last_hidden_state)
-            kept = out.hidden_states[-1][:, TEMPLATE_HEAD:].contiguous()
-            del out, logits, kept
+            kept = out.last_hidden_state[:, TEMPLATE_HEAD:].contiguous()
+            del out, kept
 
         return _counted(run, precision == "bf16")
 

@@ -38,8 +38,7 @@ from .activations import BASE_JOB, GB, JobShape
 RESERVE_BYTES = int(1.5 * GB)  # CUDA context, cuBLAS workspaces, allocator fragmentation
 # A streamed component's layers on the GPU at once (leaf-level group offload, the next leaf prefetched):
 # the text encoder's largest leaf is its bf16 token embedding (152064 x 3584, 1.09 GB) plus one layer's linears
-# (its lm_head does run: the pipeline calls the whole model, which computes every token's logits, placement/
-# measure.py); the transformer's largest leaves are 75 MB MLPs.
+# (its lm_head never runs nor is held: model/text_phase.py); the transformer's largest leaves are 75 MB MLPs.
 STREAM_WINDOW_BYTES = {"transformer": int(0.5 * GB), "text_encoder": int(1.3 * GB), "vae": int(0.3 * GB)}
 PCIE_BYTES_PER_SECOND = 25 * GB  # derived: PCIe gen4 x16 effective
 DEFAULT_STEPS = 3  # the Lightning default; group offload streams the transformer once per step
@@ -51,12 +50,14 @@ COMPONENTS = ("transformer", "text_encoder", "vae")
 # Small models that stay on the GPU in every placement (the safety checker, ~0.17 GB in bf16: safety/).
 ALWAYS_RESIDENT = ("safety_checker",)
 PHASES = ("text", "denoise", "decode")
-# The real model's component sizes, as `bench/gpu --bytes` counts them from the real configs (20.430 B,
-# 8.292 B and 0.127 B parameters): bf16 is 2 bytes a parameter; int8/fp8 is 1 byte a quantised linear
-# weight plus its per-row scales, the text encoder's vision tower and embeddings staying bf16.
+# The real model's component sizes as the worker holds them, as `bench/gpu --bytes` counts them from the real
+# configs (20.430 B, 8.292 B and 0.127 B parameters): bf16 is 2 bytes a parameter; int8/fp8 is 1 byte a quantised
+# linear weight plus its per-row scales, the text encoder's vision tower and embeddings staying bf16.  The text
+# encoder's lm_head (0.545 B parameters: 1.09 GB bf16, 0.55 GB int8/fp8) is read but dropped at load
+# (model/text_phase.py), so it is not held: 16.58 GB as stored in bf16, 15.49 held; 9.52 and 8.97 at int8/fp8.
 REFERENCE_BYTES = {
     "transformer": {"bf16": int(40.86 * GB), "int8": int(20.46 * GB), "fp8": int(20.46 * GB)},
-    "text_encoder": {"bf16": int(16.58 * GB), "int8": int(9.52 * GB), "fp8": int(9.52 * GB)},
+    "text_encoder": {"bf16": int(15.49 * GB), "int8": int(8.97 * GB), "fp8": int(8.97 * GB)},
     "vae": {"bf16": int(0.254 * GB)},
     # Falconsai/nsfw_image_detection (ViTForImageClassification, ViT-base/16, 2 labels): 85,800,194
     # parameters, counted on the meta device from its config, in bf16; loaded unless SAFETY_CHECKER=off.
@@ -272,25 +273,29 @@ def _gb(size: int) -> str:
 # ---- Reading the sizes (not pure: reads safetensors headers, never the weights) ----
 
 FLOATS = {"F32": 4, "BF16": 2, "F16": 2}
+# Weights the worker reads but drops at load, so no placement holds them (model/text_phase.py).
+DROPPED = {"text_encoder": ("lm_head.",)}
 
 
-def folder_bytes(folder: Path, precision: str = "bf16", component: str | None = None) -> int:
+def folder_bytes(folder: Path, precision: str = "bf16", component: str | None = None, held: bool = True) -> int:
     """Bytes a component's safetensors take on the GPU at `precision` (from the headers alone).
 
     Floating-point tensors load as bf16 (2 bytes an element).  A 2-D floating-point `.weight` (a
     linear layer's; embeddings excluded) that weights/precision.py quantises in `component` (the
     folder's name unless given: the text encoder's vision tower stays bf16) counts as torchao stores
     it at `precision` (precision.linear_weight_bytes: scales included); tensors already stored
-    quantised count as stored.  An estimate made before loading; the load log gives the bytes
-    really resident afterwards.
+    quantised count as stored.  `held`: without the weights the worker drops at load (DROPPED: the text
+    encoder's lm_head); else every weight read.  An estimate made before loading; the load log gives
+    the bytes really resident afterwards.
     """
     component = component or folder.name
+    dropped = DROPPED.get(component, ()) if held else ()
     total = 0
     for file in sorted(folder.glob("*.safetensors")):
         with file.open("rb") as handle:
             header = json.loads(handle.read(struct.unpack("<Q", handle.read(8))[0]))
         for name, spec in header.items():
-            if name == "__metadata__":
+            if name == "__metadata__" or name.startswith(dropped):
                 continue
             start, end = spec["data_offsets"]
             shape, size = spec["shape"], end - start
@@ -304,11 +309,11 @@ def folder_bytes(folder: Path, precision: str = "bf16", component: str | None = 
 
 
 def model_bytes(path: Path, precision: str, text_encoder_precision: str,
-                safety_checker: Path | None = None) -> dict[str, int]:
+                safety_checker: Path | None = None, held: bool = True) -> dict[str, int]:
     """The three components' bytes in the diffusers folder `path`, at the precisions they will load in, and the
-    safety checker's (bf16) when its folder is given."""
+    safety checker's (bf16) when its folder is given; `held`: as the worker holds them (folder_bytes)."""
     precisions = {"transformer": precision, "text_encoder": text_encoder_precision, "vae": "bf16"}
-    sizes = {name: folder_bytes(path / name, precisions[name], name) for name in COMPONENTS}
+    sizes = {name: folder_bytes(path / name, precisions[name], name, held) for name in COMPONENTS}
     if safety_checker is not None:
         sizes["safety_checker"] = folder_bytes(safety_checker)
     return sizes

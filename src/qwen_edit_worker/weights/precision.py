@@ -17,10 +17,16 @@ Which layers: every `nn.Linear` of the transformer (after the Lightning LoRA is 
 LoRA over quantised weights gave grid artifacts upstream).  In the text encoder, the language
 model's linear layers and `lm_head`; the vision tower (`model.visual`, 0.67 B parameters, 8% of
 the encoder, run once per job on a 384x384 picture) stays bf16: it is the part that reads the
-picture, and keeping it exact costs little memory.  `lm_head` is quantised because the pipeline
-uses the encoder's hidden states, never its logits: its precision cannot change an edit, and int8
-saves ~0.5 GB (skipped when it shares its weight with the input embedding).  Embeddings are
-lookups, not matrix products, and stay as they are.
+picture, and keeping it exact costs little memory.  Embeddings are lookups, not matrix products,
+and stay as they are.
+
+`lm_head` (0.545 B parameters, 1.09 GB in bf16): the worker computes the encoder's hidden states
+only and drops lm_head at load (model/text_phase.py), so on the real graph it runs no FLOPs and
+keeps no activations, and no placement holds it.  Its one remaining cost is the bytes every cold
+start reads, so the bake still quantises it with the rest of the language model: int8/fp8 halves
+those bytes (0.55 GB instead of 1.09), and its precision cannot change an edit.  A load that
+quantises a bf16 bake skips it (it is gone before quantisation); a head tied to the input
+embedding is the embedding, and is neither quantised nor dropped.
 """
 
 from __future__ import annotations
@@ -109,15 +115,18 @@ def text_encoder_kept(tied_lm_head: bool) -> list[str]:
 def stored_quantised(component: str, name: str) -> bool:
     """Whether the linear weight stored as `name` in `component`'s files is one this module quantises.
 
-    Every linear of the transformer; the text encoder's language-model linears and lm_head (a tied lm_head is not
-    stored apart), not its vision tower.  The planner sizes a folder by this (placement/planner.py folder_bytes).
+    Every linear of the transformer; the text encoder's language-model linears and lm_head (the bake's; a tied
+    lm_head is not stored apart), not its vision tower.  The planner sizes a folder by this (placement/planner.py
+    folder_bytes, which leaves the dropped lm_head out of what is held).
     """
     return not name.startswith(STORED_KEPT.get(component, ()))
 
 
 def lm_head_tied(text_encoder: Any) -> bool:
+    """Whether the encoder's lm_head is its input embedding (a dropped head, model/text_phase.py, is not)."""
     head, embed = text_encoder.get_output_embeddings(), text_encoder.get_input_embeddings()
-    return head is not None and embed is not None and head.weight is embed.weight
+    weight = getattr(head, "weight", None)
+    return weight is not None and embed is not None and weight is embed.weight
 
 
 def quantise_transformer(transformer: Any, precision: str) -> None:
