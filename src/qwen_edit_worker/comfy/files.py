@@ -54,8 +54,7 @@ def is_lightning(graph: Graph, node: Node, deploy: Deployment) -> bool:
         return True
     if "lightning" in base:
         raise RequestError(node.field("lora_name"), f"{describe(name, 80)} is not the Lightning LoRA this worker has: "
-                           f"{deploy.lightning_names[0]} is fused (LORA_PATH) and its {deploy.variant.lightning_steps} "
-                           "steps are the default")
+                           f"it runs {deploy.lightning_names[0]} fused (LORA_PATH)")
     return False
 
 
