@@ -239,3 +239,23 @@ class TestCleanErrors:
 
         assert comfy.workflow_job(json.dumps(comfy_job(W)["input"]), settings()) is not None
         assert comfy.workflow_job({"prompt": "p", "image": "x"}, settings()) is None  # this worker's own shape
+
+
+def test_the_readme_example_means_what_the_readme_says() -> None:
+    import json
+    import re
+    from pathlib import Path
+
+    from conftest import b64_picture
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    body = json.loads(re.search(r"<!-- comfy-example -->\n```json\n(.*?)```", readme, re.S).group(1))  # type: ignore[union-attr]
+    body["input"]["images"][0]["image"] = b64_picture(96, 64)  # a 3:2 picture
+    job = comfy.workflow_job(body["input"], settings())
+    assert job is not None
+    assert {k: v for k, v in job.input.items() if k != "image"} == {
+        "prompt": "make the sofa green velvet", "seed": 42, "num_inference_steps": 4, "true_cfg_scale": 1.0,
+        "output_format": "png", "width": 1248, "height": 832}
+    assert job.filenames == [["sofa_00001_.png"]]
+    for warning in job.warnings:
+        assert warning in readme
