@@ -51,6 +51,24 @@ def load_image(source: str, field: str, limits: InputLimits, target_area: int | 
     return decode_image(data, field, limits.max_pixels, target_area)
 
 
+def picture_size(source: str, field: str, limits: InputLimits) -> tuple[int, int]:
+    """(width, height) of an inline picture (base64 or data URI) as it will be used: EXIF orientation
+    applied, read from the header without decoding the pixels; RequestError names `field`."""
+    data = _decode_inline(source, field, limits.max_bytes)
+    try:
+        picture = Image.open(io.BytesIO(data))
+        width, height = picture.size
+        orientation = picture.getexif().get(0x0112, 1)  # the EXIF Orientation tag
+    except (UnidentifiedImageError, Image.DecompressionBombError) as err:
+        raise RequestError(field, f"not a picture Pillow can read safely ({type(err).__name__})") from None
+    except Exception as err:  # hostile bytes can raise almost anything from a decoder
+        raise RequestError(field, f"the picture data is damaged or truncated ({type(err).__name__})") from None
+    if width * height > limits.max_pixels:
+        raise RequestError(
+            field, f"picture is {width}x{height}, over the {limits.max_pixels:,}-pixel limit (MAX_INPUT_PIXELS)")
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+
+
 def decode_image(data: bytes, field: str, max_pixels: int, target_area: int | None = None) -> Image.Image:
     """Decode image bytes to RGB, refusing oversize or truncated pictures before the full decode."""
     try:

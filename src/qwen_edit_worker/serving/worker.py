@@ -15,10 +15,10 @@ import secrets
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from .. import placement, safety
+from .. import comfy, placement, safety
 from ..accounting.cost import job_cost
 from ..accounting.timing import StageClock, billed_seconds, timing_report
-from ..errors import SettingsError, WorkerError
+from ..errors import RequestError, SettingsError, WorkerError
 from ..loras.service import RequestLoras
 from ..pictures import images_in, images_out, sizing, uploads
 from ..schema import MAX_SEED, EditRequest, ModelDefaults, parse_request
@@ -106,10 +106,22 @@ class Worker:
         if self.settings_error is not None:
             raise self.settings_error
         assert self.settings is not None
+        workflow = comfy.workflow_job(job.get("input"), self.settings)  # worker-comfyui's request, else None
+        if workflow is None:
+            return self._run_input(job, job_id, upload, job.get("input"))
+        try:
+            out = self._run_input(job, job_id, upload, workflow.input, workflow.object_names())
+        except RequestError as err:  # named as the caller sent it: input.workflow.<id>.inputs.<name>, ...
+            raise workflow.rename(err) from None
+        return comfy.shape(out, workflow)
+
+    def _run_input(self, job: Mapping[str, Any], job_id: str, upload: bool, raw: Any,
+                   names: list[str] | None = None) -> dict[str, Any]:
+        assert self.settings is not None
         settings = self.settings
         clock = StageClock()
         defaults = ModelDefaults.for_model(settings.variant, settings.lightning)
-        request = parse_request(job.get("input"), settings.variant, defaults, settings.max_loras)
+        request = parse_request(raw, settings.variant, defaults, settings.max_loras)
         safety.wanted(settings.safety_checker, request.enable_safety_checker)  # a refused false fails before any work
         bucket = uploads.job_bucket(job, self.bucket) if upload else None
         limits = images_in.InputLimits(settings.max_input_bytes, settings.max_input_pixels,
@@ -120,12 +132,12 @@ class Worker:
         assert self.loras is not None
         loras = self.loras.fetch(request.loras, clock)  # before the GPU: the next job's LoRA downloads meanwhile
         try:
-            return self._edit(job, job_id, request, pictures, loras, bucket, clock)
+            return self._edit(job, job_id, request, pictures, loras, bucket, clock, names)
         finally:
             self.loras.release(loras)
 
     def _edit(self, job: Mapping[str, Any], job_id: str, request: EditRequest, pictures: list[Any], loras: list[Any],
-              bucket: uploads.Bucket | None, clock: StageClock) -> dict[str, Any]:
+              bucket: uploads.Bucket | None, clock: StageClock, names: list[str] | None = None) -> dict[str, Any]:
         assert self.settings is not None and self.loras is not None
         settings = self.settings
         editor, cold, waited = self.model.get()
@@ -155,7 +167,7 @@ class Worker:
         warnings += [note] if note else []
         with clock.stage("outputs"):
             images, image_url = _outputs(job_id, pixels, seeds, request, bucket, settings.max_response_bytes,
-                                         flags)
+                                         flags, names)
         timing = timing_report(clock, cold_start=cold, load_seconds=waited, steps=request.num_inference_steps)
         cost = job_cost(billed_seconds(clock), len(images), model.gpu_name, settings.gpu_price_per_second)
         log.info(
@@ -190,12 +202,14 @@ class Worker:
 
 
 def _outputs(job_id: str, pixels: Any, seeds: list[int], request: EditRequest, bucket: uploads.Bucket | None,
-             limit: int, flags: list[bool] | None = None) -> tuple[list[dict[str, Any]], str]:
+             limit: int, flags: list[bool] | None = None,
+             names: list[str] | None = None) -> tuple[list[dict[str, Any]], str]:
     """Encode each picture (at `input.size` exactly when asked), then upload it (URL out) or inline it
     as base64 (size-checked); also the `image_url` of RunPod's public endpoints: the first picture's
     URL, else its data URI.
 
     `flags`: the safety checker's verdicts (None: not checked); a flagged picture is already black here.
+    `names`: the bucket object names (a workflow's file names); default `<n>-<seed>.<format>`.
     """
     images = []
     for index, (picture_pixels, image_seed) in enumerate(zip(pixels, seeds, strict=True)):
@@ -203,7 +217,8 @@ def _outputs(job_id: str, pixels: Any, seeds: list[int], request: EditRequest, b
             picture_pixels = images_out.resized(picture_pixels, request.exact_size)
         encoded = images_out.encode(picture_pixels, request.output_format, request.output_quality)
         if bucket is not None:
-            key = f"{_safe_key(job_id)}/{index}-{image_seed}.{encoded.format}"
+            name = _safe_key(names[index], ".") if names else f"{index}-{image_seed}.{encoded.format}"
+            key = f"{_safe_key(job_id)}/{name}"
             data, kind = uploads.upload(bucket, key, encoded.data, encoded.format), "url"
         else:
             data, kind = encoded.base64(), "base64"
@@ -223,8 +238,8 @@ def _outputs(job_id: str, pixels: Any, seeds: list[int], request: EditRequest, b
     return images, image_url
 
 
-def _safe_key(job_id: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_" else "_" for c in job_id)[:120] or "job"
+def _safe_key(text: str, keep: str = "") -> str:
+    return "".join(c if c.isalnum() or c in "-_" + keep else "_" for c in text)[:120] or "job"
 
 
 def _plan(request: EditRequest, last_input: tuple[int, int], lightning: bool) -> tuple[tuple[int, int], list[str]]:
