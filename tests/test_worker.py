@@ -218,7 +218,7 @@ def test_damaged_weights_name_the_folder(tmp_path: Path) -> None:
     worker = Worker({"MODEL_PATH": str(tmp_path), "MODEL_VARIANT": "edit", "WARMUP": "0", "SAFETY_CHECKER": "off"})
     for _ in range(2):
         error = worker.handle(small_job())["error"]
-        assert error.startswith(f"MODEL_PATH: cannot load the pipeline from {tmp_path}: ")
+        assert error.startswith(f"MODEL_PATH: cannot load the transformer from {tmp_path}: ")  # the part read alone
 
 
 class TestFailures:

@@ -10,6 +10,7 @@ whichever later stage waits for the GPU.  Pure: the synchronise function is inje
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -82,3 +83,18 @@ def billed_seconds(clock: StageClock) -> float:
     seconds; counting them twice would make jobs look dearer the more of them a worker holds.
     """
     return max(clock.elapsed() - clock.seconds.get("queue", 0.0), 0.0)
+
+
+def process_seconds() -> float:
+    """Seconds since this process started (Linux: its start time in /proc, at the kernel's clock-tick
+    resolution); elsewhere, since this module was first imported.  The load log's timeline uses it, so a
+    cold start's steps read against the moment the container ran `python`."""
+    try:
+        with open("/proc/self/stat") as stat, open("/proc/uptime") as uptime:
+            ticks = int(stat.read().rsplit(")", 1)[1].split()[19])  # field 22, starttime, after the comm field
+            return float(uptime.read().split()[0]) - ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return time.perf_counter() - _IMPORTED
+
+
+_IMPORTED = time.perf_counter()

@@ -26,11 +26,28 @@ def check_offload(offload: str, cuda: bool) -> None:
                                         "use auto or none")
 
 
-def place(pipe: Any, offload: str, cuda: bool) -> None:
+def place_text_stage(pipe: Any, offload: str, cuda: bool) -> None:
+    """The text encoder and VAE where placement `offload` runs them (`none` or `text_encoder`), before the
+    transformer is in, so a prompt can be encoded meanwhile; `place` then leaves them as they are."""
+    if offload not in ("none", "text_encoder"):
+        raise ValueError(f"the text stage is placed early only for none and text_encoder, not {offload}")
+    device = "cuda" if cuda else "cpu"
+    pipe.vae.to(device)
+    if offload == "none":
+        pipe.text_encoder.to(device)
+        return
+    import torch
+
+    check_offload(offload, cuda)
+    stream_text_encoder(pipe, torch.device("cuda"), use_stream=True)
+
+
+def place(pipe: Any, offload: str, cuda: bool, text_placed: bool = False) -> None:
     """Put the pipeline on its devices as placement `offload` says (placement/planner.py explains each).
 
     Offload keeps weights in CPU memory and moves them to the GPU as they are needed, so a GPU
     smaller than the model (57.7 GB in bf16) can run it, at the price of transfers every job.
+    `text_placed`: place_text_stage already put the text encoder and VAE (offload none or text_encoder).
     """
     check_offload(offload, cuda)
     if offload == "none":
@@ -41,7 +58,8 @@ def place(pipe: Any, offload: str, cuda: bool) -> None:
     if offload == "text_encoder":
         pipe.transformer.to("cuda")
         pipe.vae.to("cuda")
-        stream_text_encoder(pipe, torch.device("cuda"), use_stream=True)
+        if not text_placed:
+            stream_text_encoder(pipe, torch.device("cuda"), use_stream=True)
     elif offload == "model":
         pipe.enable_model_cpu_offload()
     else:

@@ -19,7 +19,7 @@ from typing import Any
 from .. import placement, safety
 from ..errors import ModelLoadError
 from ..settings import Settings
-from ..weights import int8_mm, precision
+from ..weights import int8_mm, precision, prepare
 from . import accel, attention, sources
 
 log = logging.getLogger(__name__)
@@ -56,13 +56,25 @@ class LoadPlan:
         """Where the transformer's blocks are left as they are made."""
         return self.device if self.resident else "cpu"
 
+    @property
+    def device_map(self) -> str | None:
+        """Where `from_pretrained` puts what it reads: the device when everything fits as stored (and without a
+        GPU), else the host (None), from where each part goes where the plan says."""
+        return self.device if self.straight or not self.cuda else None
+
+    @property
+    def early_text(self) -> bool:
+        """Whether prompts can be encoded before the transformer is in: the text encoder then already sits where
+        it runs (no GPU, everything resident, or the text encoder streamed).  Not with model or group offload,
+        whose hooks are laid over the whole pipeline at once."""
+        return self.plan is None or not self.cuda or self.plan.offload in ("none", "text_encoder")
+
 
 def decide(settings: Settings) -> LoadPlan:
     """The LoadPlan for `settings` on this machine; ModelLoadError naming what is wrong."""
     import torch
 
     cuda = torch.cuda.is_available()
-    device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
     # Timed before the weights arrive: a few q/k/v tensors, a fraction of a second per backend.
     measure = attention.measurer(attention.sequence_length(settings.variant)) if cuda else None
     chosen = attention.choose(settings.attention_backend, cuda, measure)
@@ -72,6 +84,7 @@ def decide(settings: Settings) -> LoadPlan:
         log.info("model source: %s %s%s", source.kind, source.path,
                  f" ({source.model}; LoRA {source.lora or 'from LORA_PATH'})" if source.model else "")
         check_folder(source.path)
+    device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", cpu_dtype(source))
     if settings.offload not in ("auto", "none"):
         accel.check_offload(settings.offload, cuda)  # fail before reading 58 GB of weights
     capability = torch.cuda.get_device_capability(0) if cuda else None
@@ -96,6 +109,21 @@ def decide(settings: Settings) -> LoadPlan:
     by_block = not straight and settings.precision != baked(source)[0]
     return LoadPlan(settings, device, dtype, chosen, source, gpu_bytes, checker_folder, plan, straight,
                     encoder_first, by_block, _component_fits(stored, "transformer", gpu_bytes))
+
+
+def cpu_dtype(source: sources.ModelSource | None) -> Any:
+    """The dtype a CPU runs in: the folder's own (its VAE's, never quantised), so a bf16 bake is read as it is
+    stored, with no float32 copy made on the way (a second pass over every byte, twice the memory); the tiny
+    model, built in code, in float32."""
+    import torch
+
+    if source is None:
+        return torch.float32
+    try:
+        return prepare.stored_dtype(source.path / "vae")
+    except prepare.PrepareError:
+        raise ModelLoadError("MODEL_PATH", f"{source.path / 'vae'} has no floating-point safetensors weights; "
+                                           "bake the model into the image or point MODEL_PATH at it") from None
 
 
 def check_folder(path: Path) -> None:

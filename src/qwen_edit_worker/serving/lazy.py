@@ -6,7 +6,12 @@ worker starts loading in a background thread when it starts; with WARMUP=0 the f
 it.  Either way the load runs once, every job that arrives before it ends waits and says so
 (cold start), and a failed load is logged once with its cause and reported to every job.
 A failure the loader foresaw (a WorkerError naming a setting or file) is told apart from an
-unforeseen one (CUDA, memory, a broken install): fitness.py treats the two differently.
+unforeseen one (CUDA, memory, a broken install): the worker treats the two differently
+(serving/worker.py: a machine's fault asks RunPod for a new worker).
+
+A load can also publish a part of its value before it ends (`publish`, `part`): the text stage,
+once the text encoder is in, lets a job that is waiting encode its prompt while the transformer
+is still being read (serving/early_text.py).
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from ..errors import ModelLoadError, WorkerError
 
@@ -33,6 +38,8 @@ class LazyLoad(Generic[T]):
         self._thread: threading.Thread | None = None
         self._value: T | None = None
         self._error: WorkerError | None = None
+        self._parts: dict[str, Any] = {}
+        self._published = threading.Condition()
         self.unforeseen: BaseException | None = None  # the original error when the load failed unforeseen
 
     @property
@@ -67,6 +74,25 @@ class LazyLoad(Generic[T]):
         assert self._value is not None
         return self._value, waited, time.perf_counter() - started if waited else 0.0
 
+    def publish(self, name: str, value: Any) -> None:
+        """Called by the load: `value` is ready for jobs to use before the whole load ends."""
+        with self._published:
+            self._parts[name] = value
+            self._published.notify_all()
+
+    def part(self, name: str) -> tuple[Any, float]:
+        """(the published part `name`, seconds waited), once it is published; (None, seconds) when the load ended
+        without publishing it; the load's error when it failed first.  Starts the load if needed."""
+        started = time.perf_counter()
+        self.start()
+        with self._published:
+            while name not in self._parts and not self._done.is_set():
+                self._published.wait(0.5)
+            value = self._parts.get(name)
+        if value is None and self._error is not None:
+            raise self._error
+        return value, time.perf_counter() - started
+
     def wait(self) -> WorkerError | None:
         """Start loading if needed, wait for the end, and return the load's error (None on success)."""
         self.start()
@@ -85,3 +111,6 @@ class LazyLoad(Generic[T]):
             self._error = ModelLoadError("model", f"loading failed ({type(err).__name__}: {err}); see the worker log")
         finally:
             self._done.set()
+            with self._published:
+                self._parts.clear()  # a part is for jobs that came before the end; after it, the whole value
+                self._published.notify_all()
