@@ -64,9 +64,8 @@ def main(argv: list[str]) -> int:
     if deployed() or "--rp_serve_api" in argv:
         import runpod
 
-        from qwen_edit_worker.serving.fitness import model_check
-
-        runpod.serverless.register_fitness_check(model_check(worker))  # runs deployed only
+        # The job loop starts at once, the model still loading: a waiting job is taken now, its pictures fetched
+        # and its prompt encoded while the weights come in (serving/worker.py), and a failed load answers it.
         runpod.serverless.start({"handler": handler, "concurrency_modifier": worker.concurrency})
         return 0
     from qwen_edit_worker.serving.local import run_local

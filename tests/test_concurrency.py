@@ -1,4 +1,4 @@
-"""Several jobs in one worker: the GPU section, the queue wait each job reports, the fitness check
+"""Several jobs in one worker: the GPU section, the queue wait each job reports, the load-failure policy
 for a failed load, and the RunPod SDK's log level.  (The deployed process: test_deployed.py.)"""
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import pytest
 from conftest import small_job, tiny_env
 from qwen_edit_worker.accounting.timing import StageClock, billed_seconds
 from qwen_edit_worker.errors import ModelLoadError
-from qwen_edit_worker.serving.fitness import model_check
 from qwen_edit_worker.serving.gpu_section import GpuSection
 from qwen_edit_worker.serving.logs import runpod_log_level
 from qwen_edit_worker.serving.worker import Worker
@@ -98,21 +97,40 @@ class TestWorkerConcurrency:
         assert Worker({"CONCURRENCY": "9"}).concurrency(2) == 1  # a bad setting: one job at a time, each told
 
 
-class TestFitnessCheck:
-    def test_unforeseen_load_failure_fails_the_check(self) -> None:
+class TestLoadFailurePolicy:
+    """Jobs are taken while the model loads (no fitness check waits for it), so a failed load answers them:
+    a cause of this machine (a CUDA error, out of memory) with `refresh_worker` (RunPod replaces the worker:
+    other hardware may load), any other cause with the error alone (a new worker would fail the same way)."""
+
+    def test_a_machine_fault_answers_the_job_and_asks_for_a_new_worker(self) -> None:
         worker = Worker(tiny_env(WARMUP="1"))
 
         def broken() -> None:
             raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
         worker.model._load = broken
-        with pytest.raises(RuntimeError, match="RuntimeError: CUDA error: an illegal memory access"):
-            model_check(worker)()
+        worker.start()
+        for _ in range(2):
+            out = worker.handle(small_job())
+            assert out["refresh_worker"] is True
+            assert out["error"] == ("model: loading failed (RuntimeError: CUDA error: an illegal memory access was "
+                                    "encountered); see the worker log")
 
-    def test_foreseen_load_failure_passes_and_jobs_get_the_error(self, tmp_path: Path) -> None:
+    def test_an_unforeseen_cause_not_of_the_machine_is_the_error_alone(self) -> None:
+        worker = Worker(tiny_env(WARMUP="1"))
+
+        def broken_install() -> None:
+            raise ImportError("cannot import name 'QwenImageEditPlusPipeline' from 'diffusers'")
+
+        worker.model._load = broken_install
+        out = worker.handle(small_job())
+        assert "refresh_worker" not in out and out["error"].startswith("model: loading failed (ImportError: ")
+
+    def test_foreseen_load_failure_is_the_error_alone(self, tmp_path: Path) -> None:
         worker = Worker({"MODEL_PATH": str(tmp_path / "missing"), "WARMUP": "1"})
-        model_check(worker)()
-        assert worker.handle(small_job())["error"].startswith("MODEL_PATH: ")
+        worker.start()
+        out = worker.handle(small_job())
+        assert out["error"].startswith("MODEL_PATH: ") and "refresh_worker" not in out
 
     def test_named_error_from_anywhere_in_the_load_counts_as_foreseen(self) -> None:
         worker = Worker(tiny_env(WARMUP="1"))
@@ -121,20 +139,13 @@ class TestFitnessCheck:
             raise ModelLoadError("PRECISION", "fp8 needs compute capability 8.9 or newer")
 
         worker.model._load = fp8_on_an_old_gpu
-        model_check(worker)()
-        assert worker.handle(small_job())["error"] == "PRECISION: fp8 needs compute capability 8.9 or newer"
+        assert worker.handle(small_job()) == {"error": "PRECISION: fp8 needs compute capability 8.9 or newer"}
 
-    def test_bad_setting_passes_and_warmup_off_does_not_load(self) -> None:
-        model_check(Worker({"MODEL_VARIANT": "nope"}))()
+    def test_warmup_off_does_not_load_until_a_job(self) -> None:
         lazy = Worker(tiny_env(WARMUP="0"))
-        model_check(lazy)()
-        assert not lazy.model.ready
-
-    def test_waits_for_the_background_load(self) -> None:
-        worker = Worker(tiny_env(WARMUP="1"))
-        worker.start()
-        model_check(worker)()
-        assert worker.model.ready and worker.model.unforeseen is None
+        lazy.start()
+        assert not lazy.model.started
+        assert "error" not in lazy.handle(small_job()) and lazy.model.ready
 
 
 class TestSdkLogLevel:

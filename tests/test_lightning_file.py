@@ -2,8 +2,8 @@
 
 The two paths are the whole-model fuse (the tiny model, TINY_MODEL=1: diffusers + peft) and the block-by-block
 read of a bf16 folder quantised at load (MODEL_PATH + PRECISION=int8: model/by_block.py).  For each bad file the
-worker loads in the background as deployed (WARMUP=1), its fitness check passes (a new worker would fail the same
-way, so RunPod must not replace it), and every job gets the same error, word for word the same on both paths.
+worker loads in the background as deployed (WARMUP=1), never asks to be replaced (a new worker would fail the
+same way, so RunPod must not replace it), and every job gets the same error, word for word the same on both paths.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from safetensors.torch import save_file
 
 from conftest import small_job
 from qwen_edit_worker.model import tiny
-from qwen_edit_worker.serving.fitness import model_check
 from qwen_edit_worker.serving.worker import Worker
 from test_job_sizing import tiny_folder  # noqa: F401 (fixture: the tiny pipeline saved as a bf16 folder)
 
@@ -86,12 +85,14 @@ def paths(tiny_folder: Path) -> dict[str, Callable[[Path], dict[str, str]]]:  # 
 
 
 def answers(env: dict[str, str]) -> list[str]:
-    """Load as deployed (WARMUP=1), pass the fitness check, and answer two jobs; their errors."""
+    """Load as deployed (WARMUP=1) and answer two jobs; their errors (never a request for a new worker)."""
     worker = Worker({**env, "WARMUP": "1", "MODEL_VARIANT": "edit-2511"})
     worker.start()
-    model_check(worker)()  # raises when the worker asks RunPod for a replacement
+    worker.model.wait()
     assert worker.model.unforeseen is None
-    return [worker.handle(small_job()).get("error", "") for _ in range(2)]
+    outs = [worker.handle(small_job()) for _ in range(2)]
+    assert not any("refresh_worker" in out for out in outs)
+    return [out.get("error", "") for out in outs]
 
 
 @pytest.mark.parametrize("case", BAD)
@@ -128,8 +129,8 @@ def test_a_partial_match_warns_and_fuses_the_same_layers_on_both_paths(
 
 def test_deployed_a_diff_key_lora_on_the_block_by_block_path_keeps_the_worker_and_answers_every_job(
         tmp_path: Path, tiny_folder: Path) -> None:  # noqa: F811 (the fixture above)
-    """handler.py under the RunPod SDK's job loop: the case that used to escape as unforeseen (a failed fitness
-    check, the worker replaced over and over).  It stays up, never reports unhealthy, and tells every job."""
+    """handler.py under the RunPod SDK's job loop: the case that used to escape as unforeseen (the worker replaced
+    over and over).  It stays up, never reports unhealthy nor asks to be replaced, and tells every job."""
     from fake_queue import deployed_worker, serve_queue
 
     content, fragment = BAD["diff-keys"]
@@ -144,6 +145,7 @@ def test_deployed_a_diff_key_lora_on_the_block_by_block_path_keeps_the_worker_an
         assert len(errors) == 1, errors
         [error] = errors
         assert error.startswith(f"LORA_PATH: {lora} ") and fragment in error, log.read_text()[-2000:]
+        assert not any(result.body.get("stopPod") for result in results.values())
         assert process.poll() is None
         assert not [e for e in queue.of("ping") if e.query.get("status") == ["unhealthy"]]
 
@@ -154,7 +156,8 @@ def test_running_out_of_gpu_memory_while_fusing_stays_unforeseen(error: Exceptio
                                                                 paths: dict[str, Callable[[Path], dict[str, str]]],
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     """torch raises these as RuntimeError, the type a bad file raises too: they must not be called the file's (or
-    MODEL_PATH's) fault, so the fitness check fails and RunPod replaces the worker, on both paths."""
+    MODEL_PATH's) fault, so the job is answered with the load's error and RunPod asked to replace the worker, on
+    both paths."""
     from qwen_edit_worker.model import by_block
 
     def fails(*args: Any, **kwargs: Any) -> None:
@@ -166,9 +169,10 @@ def test_running_out_of_gpu_memory_while_fusing_stays_unforeseen(error: Exceptio
     for env in paths.values():
         worker = Worker({**env(lora), "WARMUP": "1", "MODEL_VARIANT": "edit-2511"})
         worker.start()
-        with pytest.raises(RuntimeError, match="this machine is likely at fault"):
-            model_check(worker)()
+        out = worker.handle(small_job())
         assert worker.model.unforeseen is error
+        assert out["refresh_worker"] is True
+        assert out["error"].startswith(f"model: loading failed ({type(error).__name__}")
 
 
 def tiny_pipe_class() -> Any:

@@ -1,7 +1,8 @@
-"""A loaded model: the ready pipeline and the facts about it that every job reports.
+"""A loaded model: the ready pipeline and the facts about it that every job reports; what a load tells as it goes.
 
 Why this exists: the load sequence (model/sequence.py) ends in one of these, and the engine, the
-worker and the benchmarks only need this type, not the sequence that made it.  It records exactly
+worker and the benchmarks only need this type, not the sequence that made it (nor its imports:
+this module imports no torch, so serving/worker.py can listen to a load with LoadEvents).  It records exactly
 what took effect (device, dtype, attention backend, memory savers, LoRA layers, precision, placement)
 for the load log and each job's `model` block.
 """
@@ -60,3 +61,13 @@ class LoadedModel:
             "manifest": self.manifest,
             "safety_checker": None if self.safety is None else self.safety.info(),
         }
+
+
+class LoadEvents:
+    """What the load tells its caller as it goes; the defaults do nothing (serving/worker.py listens)."""
+
+    def read(self, folders: tuple[str, ...], device: str) -> None:
+        """The files of these folders of the model are in memory, on `device`: they will not be read again."""
+
+    def text_ready(self, pipe: Any) -> None:
+        """`pipe` (its transformer may still be missing) can encode prompts where it will run them."""

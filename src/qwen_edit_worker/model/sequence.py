@@ -32,22 +32,12 @@ from ..settings import Settings
 from ..weights import lightning, lightning_file, precision
 from . import accel, attention, choices, speedups, text_phase
 from .choices import LoadPlan
-from .loaded import LoadedModel
+from .loaded import LoadedModel, LoadEvents
 
 log = logging.getLogger(__name__)
 Part = tuple[Any, dict[str, Any]]  # a component read on its own, and the record of how it was (or {})
 LOAD_ERRORS = (OSError, ValueError, KeyError, RuntimeError, TypeError)
 TEXT_STAGE_FOLDERS = ("text_encoder", "vae", "tokenizer", "processor", "scheduler")
-
-
-class LoadEvents:
-    """What the load tells its caller as it goes; the defaults do nothing (serving/worker.py listens)."""
-
-    def read(self, folders: tuple[str, ...], device: str) -> None:
-        """The files of these folders of the model are in memory, on `device`: they will not be read again."""
-
-    def text_ready(self, pipe: Any) -> None:
-        """`pipe` (its transformer may still be missing) can encode prompts where it will run them."""
 
 
 def load_model(settings: Settings, events: LoadEvents | None = None) -> LoadedModel:
@@ -188,7 +178,7 @@ def read_transformer(how: LoadPlan) -> Any:
                                                                      device_map=how.device_map, local_files_only=True)
     except LOAD_ERRORS as err:
         if lightning_file.machine_fault(err):
-            raise  # out of GPU memory, a CUDA error: unforeseen (serving/worker.py), not the folder's fault
+            raise  # out of GPU memory, a CUDA error: this machine's (serving/worker.py), not the folder's fault
         raise ModelLoadError("MODEL_PATH", f"cannot load the transformer from {how.source.path}: {err}") from None
 
 
@@ -211,7 +201,7 @@ def read_transformer_by_block(how: LoadPlan) -> Part:
                                          how.dtype, how.device, how.home, settings.precision, lora)
     except (*LOAD_ERRORS, SafetensorError) as err:
         if lightning_file.machine_fault(err):
-            raise  # out of GPU memory, a CUDA error: unforeseen (serving/worker.py), not the folder's fault
+            raise  # out of GPU memory, a CUDA error: this machine's (serving/worker.py), not the folder's fault
         raise ModelLoadError("MODEL_PATH", f"cannot load the transformer from {source.path}: {err}") from None
 
 

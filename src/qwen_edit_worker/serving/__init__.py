@@ -1,7 +1,8 @@
-"""Serving jobs: the Worker (one job's story), the Editor on the GPU section, lazy loading, fitness, logs.
+"""Serving jobs: the Worker (one job's story), the Editor on the GPU section, lazy loading, logs.
 
 `worker` (input to output, every error shaped), `engine` (one pipeline call, timed by stage),
-`gpu_section` (one job at a time on one thread), `lazy` (the background load), `fitness` (RunPod's
-check before taking jobs), `local` (`python handler.py` runs), `logs`, and `http` (ENDPOINT_TYPE=lb:
-the load-balancing endpoint's own HTTP server, the OpenAI Images API).
+`gpu_section` (one job at a time on one thread), `lazy` (the background load, and the parts it
+publishes before it ends), `early_text` (a cold job's prompt encoded while the transformer is read),
+`local` (`python handler.py` runs), `logs`, and `http` (ENDPOINT_TYPE=lb: the load-balancing
+endpoint's own HTTP server, the OpenAI Images API).
 """

@@ -32,14 +32,15 @@ from ..model.loaded import LoadedModel
 from .gpu_section import GpuSection
 
 PIPELINE_DEFAULT_AREA = 1024 * 1024
+Memo = dict[tuple[str, ...], Any]  # prompt -> the pipeline's (prompt_embeds, mask) for a job's pictures
 
 
 class Editor:
     """Runs edits on one LoadedModel, one at a time."""
 
-    def __init__(self, model: LoadedModel) -> None:
+    def __init__(self, model: LoadedModel, section: GpuSection | None = None) -> None:
         self.model = model
-        self.section = GpuSection()
+        self.section = section or GpuSection()  # the worker's own, shared with jobs encoded before the load ended
         self._clock: StageClock | None = None
         self._steps_done = 0
         pipe = model.pipe
@@ -55,13 +56,14 @@ class Editor:
     def edit(self, pictures: list[Image.Image], *, prompt: str, negative_prompt: str, true_cfg_scale: float,
              steps: int, size: tuple[int, int], seeds: list[int], clock: StageClock,
              on_step: Callable[[int, int], None] | None = None, batch: int | None = None,
-             around: AbstractContextManager[None] | None = None) -> np.ndarray:
+             around: AbstractContextManager[None] | None = None, encoded: Memo | None = None) -> np.ndarray:
         """Edit `pictures`; return (len(seeds), H, W, 3) uint8 pixels.
 
         `batch` images at most go through the pipeline at once (placement/jobs.py sizes it to the GPU
         memory left); more run as several calls, the prompt encoded once.  Each image has its own
         generator, so its pixels do not depend on how the job was split.  `around` wraps the pipeline
-        calls inside the GPU section (the job's request LoRAs, loras/service.py).
+        calls inside the GPU section (the job's request LoRAs, loras/service.py).  `encoded`: the
+        prompts already encoded for these pictures (serving/early_text.py), used instead of encoding.
         """
         width, height = size
         generators = [torch.Generator(device="cpu").manual_seed(seed) for seed in seeds]
@@ -103,7 +105,7 @@ class Editor:
             nonlocal done_before
             images = []
             with (around or nullcontext(), self._bound(clock), working_area(self.model.pipe, width * height),
-                  encoded_once(self.model.pipe)):
+                  encoded_once(self.model.pipe, encoded)):
                 for chunk in chunks:
                     images.append(call(chunk))
                     done_before += steps
@@ -165,17 +167,17 @@ def working_area(pipe: Any, area: int) -> Iterator[None]:
 
 
 @contextmanager
-def encoded_once(pipe: Any) -> Iterator[None]:
+def encoded_once(pipe: Any, memo: Memo | None = None) -> Iterator[None]:
     """Within the block, the pipeline encodes each distinct prompt once (later batches of a job reuse it).
 
     Wraps the instance's `_get_qwen_prompt_embeds(prompt, image, device)`, which both Qwen edit
     pipelines call for the prompt (and the negative prompt under CFG) before repeating the result
     num_images_per_prompt times; the pictures are the same for every batch of a job, so the key
-    is the prompt alone.
+    is the prompt alone.  `memo`: prompts encoded before (for the same pictures), filled in place.
     """
     original = pipe._get_qwen_prompt_embeds
     own = vars(pipe).get("_get_qwen_prompt_embeds")  # an instance-level override to put back, if any
-    memo: dict[tuple[str, ...], Any] = {}
+    memo = {} if memo is None else memo
 
     def once(prompt: Any = None, *args: Any, **kwargs: Any) -> Any:
         key = (prompt,) if isinstance(prompt, str) else tuple(prompt)

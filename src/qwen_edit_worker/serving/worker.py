@@ -20,9 +20,11 @@ from ..accounting.cost import job_cost
 from ..accounting.timing import StageClock, billed_seconds, timing_report
 from ..errors import RequestError, SettingsError, WorkerError
 from ..loras.service import RequestLoras
+from ..model.loaded import LoadEvents
 from ..pictures import images_in, images_out, sizing, uploads
 from ..schema import MAX_SEED, EditRequest, ModelDefaults, parse_request
 from ..settings import Settings
+from .gpu_section import GpuSection
 from .lazy import LazyLoad
 
 log = logging.getLogger(__name__)
@@ -45,6 +47,7 @@ class Worker:
             log.error("bad setting, every job will fail until it is fixed: %s", err)
             self.settings_error = err
         self.model: LazyLoad[Any] = LazyLoad(self._load)
+        self.section = GpuSection()  # one job at a time on the model, including prompts encoded while it loads
         self.loras = RequestLoras(self.settings) if self.settings is not None else None
         s = self.settings
         self.bucket = uploads.Bucket(s.bucket_endpoint_url, s.bucket_access_key_id, s.bucket_secret_access_key,
@@ -66,12 +69,19 @@ class Worker:
         return self.settings.concurrency if self.settings is not None else 1
 
     def _load(self) -> Any:
+        from ..model import readahead
+
+        assert self.settings is not None
+        reader = readahead.start_for(self.settings)  # the weights start coming in before torch is imported
         from ..model.sequence import load_model
         from ..model.speedups import warm_up
         from .engine import Editor
 
-        assert self.settings is not None
-        editor = Editor(load_model(self.settings))
+        try:
+            editor = Editor(load_model(self.settings, _Listener(self.model, reader)), self.section)
+        finally:
+            if reader is not None:
+                reader.stop()
         assert self.loras is not None
         lora_slots = self.loras.prepare(editor.model)  # COMPILE=regional: LoRA slots before compiling
         if self.settings.compile == "regional":  # compile now, so no job pays for it
@@ -95,7 +105,7 @@ class Worker:
             return self._run(job, job_id, upload), None
         except WorkerError as err:
             log.warning("job %s failed: %s", job_id, err)
-            return {"error": str(err)}, err
+            return {"error": str(err)} | ({"refresh_worker": True} if self._machine_fault(err) else {}), err
         except Exception as err:  # the worker must keep serving; the caller gets a short cause
             if type(err).__name__ == "OutOfMemoryError":
                 return self._out_of_memory(job_id), err
@@ -140,10 +150,12 @@ class Worker:
               bucket: uploads.Bucket | None, clock: StageClock, names: list[str] | None = None) -> dict[str, Any]:
         assert self.settings is not None and self.loras is not None
         settings = self.settings
+        size, warnings = _plan(request, pictures[-1].size, settings.lightning)
+        encoded, early_wait = self._encode_early(request, pictures, size, clock)
         editor, cold, waited = self.model.get()
+        cold, waited = cold or encoded is not None, waited + early_wait
         model = editor.model
         clock.set_sync(editor.sync)
-        size, warnings = _plan(request, pictures[-1].size, settings.lightning)
         fit = placement.fit_request(editor.model.placement, size, pictures, request, settings.variant,
                                     self.loras.gpu_bytes(loras) if loras else 0)  # or refuse
         seed = request.seed if request.seed is not None else secrets.randbelow(MAX_SEED + 1)
@@ -157,6 +169,7 @@ class Worker:
             pictures, prompt=request.prompt, negative_prompt=request.negative_prompt,
             true_cfg_scale=request.true_cfg_scale, steps=request.num_inference_steps, size=size, seeds=seeds,
             clock=clock, on_step=on_step, batch=fit.batch, around=self.loras.applied(editor.model, loras, clock),
+            encoded=encoded,
         )
         checked, note = safety.wanted(settings.safety_checker, request.enable_safety_checker)
         flags = None
@@ -184,6 +197,34 @@ class Worker:
         out = {"images": images, "image_url": image_url, "seed": seed, "timing": timing, "cost": cost,
                "model": info, "warnings": warnings}
         return out if flags is None else out | {"has_nsfw_concepts": flags}
+
+    def _encode_early(self, request: EditRequest, pictures: list[Any], size: tuple[int, int],
+                      clock: StageClock) -> tuple[Any, float]:
+        """A job that comes while the model loads: its prompt encoded as soon as the text stage is in, while the
+        transformer is still being read (serving/early_text.py); (the encodings or None, seconds waited)."""
+        if self.model.ready:
+            return None, 0.0
+        pipe, waited = self.model.part("text")  # the load's error, if it failed first
+        if pipe is None:  # the load ended meanwhile, or its placement encodes only once everything is in
+            return None, waited
+        from .early_text import prompt_embeddings
+
+        return self.section.run(clock, lambda: prompt_embeddings(
+            pipe, pictures, request.prompt, request.negative_prompt, request.true_cfg_scale, size, clock)), waited
+
+    def _machine_fault(self, err: WorkerError) -> bool:
+        """Whether `err` is the load's, failed for a cause of this machine (a CUDA error, out of memory): a new
+        worker, on other hardware, may load; any other load error would fail the same way on a new worker."""
+        cause = self.model.unforeseen
+        if err is not self.model.error or cause is None:
+            return False
+        from ..weights.lightning_file import machine_fault
+
+        if machine_fault(cause):
+            log.error("the model failed to load for a cause of this machine (%s); asking RunPod to replace this "
+                      "worker after the job", type(cause).__name__)
+            return True
+        return False
 
     def _out_of_memory(self, job_id: str) -> dict[str, Any]:
         import gc
@@ -261,3 +302,16 @@ def _plan(request: EditRequest, last_input: tuple[int, int], lightning: bool) ->
                         "per step")
     return size, warnings
 
+
+class _Listener(LoadEvents):
+    """Tells the read-ahead what the load has consumed, and waiting jobs that the text stage is in."""
+
+    def __init__(self, model: LazyLoad[Any], reader: Any) -> None:
+        self.model, self.reader = model, reader
+
+    def read(self, folders: tuple[str, ...], device: str) -> None:
+        if self.reader is not None:
+            self.reader.release(folders, device)
+
+    def text_ready(self, pipe: Any) -> None:
+        self.model.publish("text", pipe)

@@ -4,12 +4,12 @@ Why this exists: the file can be wrong in many ways (missing, a folder, not safe
 truncated header, a pickle renamed, keys that match nothing, keys diffusers' converter refuses
 such as `.diff`/`.diff_b`, shapes of another model, only some layers), and each of them fails the
 same way on every worker from the same image and settings.  So each is one ModelLoadError naming
-the setting (LORA_PATH), which the worker answers to every job while its fitness check stays
-healthy (serving/fitness.py); none may escape as an unforeseen error, which would make RunPod
-replace the worker over and over.  Both load paths use this one check: the whole-model fuse
-(lightning.py, through peft) and the block-by-block read (model/by_block.py, W += B @ A), so they
-accept the same files, refuse the same files with the same message, and warn the same way when
-only some of the file's layers match.
+the setting (LORA_PATH), which the worker answers to every job while it stays healthy; none may
+escape as an unforeseen error of the machine (a CUDA error: serving/worker.py then asks RunPod to
+replace the worker), which would have RunPod replace it over and over.  Both load paths use this
+one check: the whole-model fuse (lightning.py, through peft) and the block-by-block read
+(model/by_block.py, W += B @ A), so they accept the same files, refuse the same files with the
+same message, and warn the same way when only some of the file's layers match.
 """
 
 from __future__ import annotations
@@ -114,8 +114,8 @@ def linear_shapes(transformer: Any) -> dict[str, tuple[int, int]]:
 def machine_fault(err: BaseException) -> bool:
     """Whether an error while loading is this machine's (out of GPU memory, a CUDA error), not a file's or setting's.
 
-    Such errors must stay unforeseen (serving/fitness.py has RunPod replace the worker), though torch raises them
-    as RuntimeError, the type a bad file also raises.
+    Such errors must stay unforeseen (serving/worker.py then asks RunPod to replace the worker), though torch raises
+    them as RuntimeError, the type a bad file also raises.
     """
     import torch
 

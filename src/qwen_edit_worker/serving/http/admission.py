@@ -45,7 +45,7 @@ class Admission:
         self.running = worker.concurrency()
         self.waiting = settings.lb_max_waiting if settings is not None else int(SETTINGS["LB_MAX_WAITING"][0])
         self.held = 0
-        self.broken: str | None = None  # why this worker asks to be replaced (out of GPU memory)
+        self.broken: str | None = None  # why this worker asks to be replaced (out of GPU memory, a machine fault)
         self._lock = threading.Lock()
         self._threads = ThreadPoolExecutor(max_workers=self.running, thread_name_prefix="lb-job")
 
@@ -91,9 +91,10 @@ class Admission:
         return 200, None
 
     def note(self, output: dict[str, Any]) -> None:
-        """After a job: a worker that asked to be refreshed (out of GPU memory) turns unhealthy."""
+        """After a job: a worker that asked to be refreshed (out of GPU memory, a model that failed to load for a
+        cause of this machine) turns unhealthy."""
         if output.get("refresh_worker"):
-            self.broken = "out of GPU memory; this worker asks to be replaced"
+            self.broken = f"this worker asks to be replaced: {output.get('error', 'out of GPU memory')}"
 
     def close(self) -> None:
         self._threads.shutdown(wait=False, cancel_futures=True)
