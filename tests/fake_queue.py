@@ -10,7 +10,7 @@ and bench/throughput can run the worker exactly as deployed (facts.md section 9)
 - POST .../job-done/<worker>/<job>?...     `{"status": "IN_PROGRESS", "output"}` (progress) or the
                                            final `{"output"}` / `{"error"}` (`"stopPod"` with it)
 - GET  .../job-stop/<worker>?...           the cancel long-poll: held briefly, then 204
-- GET  .../ping/<worker>?...               the heartbeat (and the fitness checks' unhealthy report)
+- GET  .../ping/<worker>?...               the heartbeat (and the SDK's unhealthy report)
 
 Every request is recorded with its time (time.monotonic) in `events`.  (tests/fake_runpod.py is
 a different thing: RunPod's public endpoint API, for the client.)
