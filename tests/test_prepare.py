@@ -311,6 +311,19 @@ class TestPrecisionsAtLoad:
         precision.check("fp8", "PRECISION", True, (9, 0))  # an H100
         precision.check("int8", "PRECISION", False, None)  # a CPU runs int8
 
+    def test_with_the_weights_baked_so_the_message_names_the_bake(self) -> None:
+        """No setting helps when the weights are stored at a precision this machine cannot run: the message says
+        to run the image elsewhere or to bake another precision (the fp8 bake on a CPU: TestFp8Bake)."""
+        with pytest.raises(ModelLoadError, match=r"^TEXT_ENCODER_PRECISION: fp8 needs compute capability 8\.9 .* "
+                                                 r"this GPU is 8\.0; the image's weights are baked fp8 .* or bake "
+                                                 r"with --text-encoder-precision bf16 or --text-encoder-precision "
+                                                 r"int8$"):
+            precision.check("fp8", "TEXT_ENCODER_PRECISION", True, (8, 0), "fp8")  # an A100
+        with pytest.raises(ModelLoadError, match=r"this GPU is 7\.5; the image's weights are baked int8 .* run it on "
+                                                 r"an Ampere, Ada or Hopper GPU, or bake with --precision bf16$"):
+            precision.check("int8", "PRECISION", True, (7, 5), "int8")  # a T4
+        precision.check("fp8", "PRECISION", True, (8, 9), "fp8")  # an L4 / 4090 / L40S
+
     def test_stored_int8_bytes_are_what_torchao_saves(self) -> None:
         """The bytes table (bench/gpu --bytes) counts int8 weights with these constants."""
         from torchao.prototype.safetensors.safetensors_support import flatten_tensor_state_dict
