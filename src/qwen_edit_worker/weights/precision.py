@@ -10,8 +10,9 @@ load time (the worker quantises bf16 weights itself).  Both use the definitions 
   (torchao `Int8DynamicActivationInt8WeightConfig`; `torch._int_mm`).  The int8 matrix units
   exist from Ampere (sm80) on; the same kernels also run on a CPU, which makes int8 testable.
 - `fp8`: float8 e4m3 weights and activations with per-row scales
-  (`Float8DynamicActivationFloat8WeightConfig`).  Ada and Hopper (sm89+) only; torchao refuses
-  to create it on any machine without such a GPU, CPU tensors included.
+  (`Float8DynamicActivationFloat8WeightConfig`).  Runs on Ada and Hopper (sm89+) only.  torchao
+  refuses to create it on a machine without such a GPU, CPU tensors included; the bake makes it on
+  the CPU anyway, with torchao's own code and that check answered inside the call (fp8_cpu.py).
 
 Which layers: every `nn.Linear` of the transformer (after the Lightning LoRA is fused: a bf16
 LoRA over quantised weights gave grid artifacts upstream).  In the text encoder, the language
