@@ -247,11 +247,13 @@ class TestImageBuildStage:
             env.update({"HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf-home"), "HF_HUB_DISABLE_XET": "1"})
             out = subprocess.run([sys.executable, str(builder / "bake.py"), "--variant", VARIANT.name, "--dest",
                                   str(dest), "--token-file", str(tmp_path / "none"), "--fuse-lightning",
-                                  "--precision", "int8"], env=env, cwd=tmp_path, capture_output=True, text=True,
-                                 timeout=300)
+                                  "--precision", "int8", "--text-encoder-precision", "fp8"], env=env, cwd=tmp_path,
+                                 capture_output=True, text=True, timeout=300)
         assert out.returncode == 0, out.stderr[-3000:]
         prepared = manifest(dest / VARIANT.name)["prepared"]
-        assert prepared["fused_lora"] == LORA_REF and prepared["precision"]["transformer"] == "int8"
+        assert prepared["fused_lora"] == LORA_REF
+        assert prepared["precision"] == {"transformer": "int8", "text_encoder": "fp8"}  # fp8 too, from weights/ alone
+        assert prepared["quantised"]["text_encoder"]["made_on"] == "cpu"
 
 
     def test_build_args_reach_the_bake_and_become_the_runtime_defaults(self) -> None:
