@@ -16,8 +16,10 @@ saved, then baked with weights/prepare.py at fp8 for both components on the CPU.
   reciprocal) for every bf16 value, the float8 cast at every rounding boundary, no mslk kernel;
 - the answer to torchao's GPU question is given inside its fp8 quantise call for CPU weights only;
 - sizes: the bake's headers, the planner's estimate from the bf16 folder and the loaded bytes agree.
-Not checkable here: a real GPU's float8 cast and division (CUDA code; argued from the source in
-weights/fp8_cpu.py), and fp8 matmuls running on the loaded weights (no float8 GPU is lent).
+Not checkable here (no float8 GPU is lent): a real GPU's float8 cast and float32 division (CUDA code,
+argued from the source in weights/fp8_cpu.py); fp8 matmuls running on the loaded weights; and, with
+the Lightning LoRA fused, the bf16 weights themselves: the bake fuses on the CPU, the worker on the
+GPU, which can round one bf16 ulp apart before either quantises (as for int8; tests/test_prepare.py).
 """
 
 from __future__ import annotations

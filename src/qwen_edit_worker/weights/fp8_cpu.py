@@ -23,8 +23,10 @@ quantise call of a fake run).  Why the answer changes nothing that is stored (to
   ([1, in_features]), `act_quant_kwargs` and the dtype (bf16) do not depend on the device.
 - arithmetic: a CUDA GPU divides by a Python scalar as a multiplication by its float32 reciprocal
   (ATen's BinaryDivTrueKernel.cu), the CPU divides; for amax / 448 rounded to bf16 the two agree
-  for every bf16 value, and the CPU's float8 cast rounds to nearest-even as the c10 conversion a
-  GPU runs does (tests/test_fp8_bake.py checks both exhaustively at the rounding boundaries).
+  for every bf16 value (tests/test_fp8_bake.py tries all of them).  The weight divided by its scale
+  is a float32 tensor by a tensor on both (IEEE division), and the float8 cast is c10's
+  round-to-nearest-even conversion on a GPU; the CPU's (possibly vectorised) cast gives the same at
+  every rounding boundary (tested).  That a GPU's kernels do so is read from the source, not run here.
 Checked against torchao `CHECKED_TORCHAO` only: another version is refused until checked again.
 """
 
