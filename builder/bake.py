@@ -17,10 +17,12 @@ model: the worker then loads the base model from RunPod's cached models (the end
 Preparing at build time (qwen_edit_worker/weights/prepare.py): --fuse-lightning fuses the Lightning LoRA
 into the transformer and stores the fused weights (the LoRA file is then not kept), so a cold start
 does no LoRA work; --precision and --text-encoder-precision store those components quantised
-(torchao, safetensors).  The manifest's `prepared` block records it; the worker skips that work
-and refuses settings that contradict it.  The fuse and int8 run on a CPU (the transformer is held
-in memory in its stored dtype: ~41 GB of RAM for the real model); torchao makes fp8 weights only on
-a machine with an Ada or Hopper GPU, so without one --precision fp8 is an error (exit 2).
+(torchao, safetensors).  The manifest's `prepared` block records it (`quantised`: each component's
+precision, made on which device, torchao version and configuration); the worker skips that work
+and refuses settings that contradict it.  The fuse, int8 and fp8 all run on a CPU (the transformer
+is held in memory: ~41 GB of RAM for the real model); fp8 runs torchao's own quantisation with its
+GPU check answered inside that call only (weights/fp8_cpu.py), giving the tensors an Ada or Hopper
+GPU would make at load.
 
 The safety checker (the worker's SAFETY_CHECKER, src/qwen_edit_worker/safety/) is baked too, in both
 images (RunPod's cached models hold one repo per endpoint, so it cannot come from there): the three
@@ -108,7 +110,7 @@ def bake(variant: Variant, dest: Path, model_revision: str, lora_revision: str, 
     from huggingface_hub import HfApi, hf_hub_download
 
     for flag, value in (("--precision", precision), ("--text-encoder-precision", text_encoder_precision)):
-        try:  # before any download: an fp8 bake on a machine that cannot make fp8 fails now
+        try:  # before any download: a precision this bake cannot make (unknown; fp8 on an unchecked torchao)
             preparing.check_can_quantise(flag, value)
         except preparing.PrepareError as err:
             raise BakeError(2, str(err)) from None
@@ -323,8 +325,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--token-file", type=Path, default=Path("/run/secrets/hf_token"))
     parser.add_argument("--fuse-lightning", action="store_true",
                         help="fuse the Lightning LoRA into the transformer and store it fused (no LoRA work at start)")
-    parser.add_argument("--precision", default="bf16", help="transformer as stored: bf16, int8 or fp8 (fp8 needs "
-                        "an Ada/Hopper GPU on the build machine; quantised after the fuse)")
+    parser.add_argument("--precision", default="bf16", help="transformer as stored: bf16, int8 or fp8 (quantised "
+                        "after the fuse, on the CPU; fp8 then runs on Ada/Hopper GPUs only)")
     parser.add_argument("--text-encoder-precision", default="bf16",
                         help="text encoder as stored: bf16, int8 or fp8 (the vision tower stays bf16)")
     parser.add_argument("--safety-checker-revision", default=SAFETY_CHECKER_REVISION,

@@ -100,6 +100,10 @@ def test_gpu_bytes_table_from_the_real_configs() -> None:
     assert int8["text_encoder_gb"] < today["text_encoder_gb"] and "not read" in int8["lora_file"]
     at_load = rows[("edit-2511", "bf16, PRECISION=int8 at load")]
     assert at_load["read_at_start_gb"] == today["read_at_start_gb"] and at_load["held_gb"] < today["held_gb"]
+    fp8 = rows[("edit-2511", "fused, fp8, text encoder fp8")]  # baked on a CPU (weights/fp8_cpu.py)
+    assert fp8["transformer_gb"] == pytest.approx(20.46, abs=0.01)
+    assert fp8["text_encoder_gb"] == pytest.approx(9.52, abs=0.01)
+    assert fp8["read_at_start_gb"] == pytest.approx(30.23, abs=0.01)  # the fp8 classes read ~30 GB at start, not 58
 
 
 def test_gpu_deviation_against_bf16_on_the_tiny_model() -> None:

@@ -233,6 +233,21 @@ class TestSizes:
         assert placement.folder_bytes(tmp_path, "int8") == 64 * 32 + 64 * 5 + rest
         assert placement.folder_bytes(tmp_path, "fp8") == 64 * 32 + 64 * 4 + rest
 
+    def test_a_torchao_bake_counts_as_stored_and_embedder_linears_as_linears(self, tmp_path: Path) -> None:
+        """A quantised bake's pieces (`._weight_qdata`, `._weight_scale`: torchao's metadata names the tensors)
+        count as stored, the float32 scales at 4 bytes a row as they stay on load (they counted 2 before, as if
+        cast to bf16); `time_text_embed.timestep_embedder.linear_1` is a linear, not an embedding table."""
+        tensors = {"blocks.0.to_q._weight_qdata": torch.zeros(64, 32, dtype=torch.float8_e4m3fn),
+                   "blocks.0.to_q._weight_scale": torch.zeros(64, 1), "blocks.0.to_q.bias": torch.zeros(64)}
+        save_file(tensors, str(tmp_path / "q.safetensors"),
+                  metadata={"tensor_names": json.dumps(["blocks.0.to_q.weight", "blocks.0.to_q.bias"])})
+        for precision in ("bf16", "fp8"):
+            assert placement.folder_bytes(tmp_path, precision) == 64 * 32 + 64 * 4 + 64 * 2
+        (tmp_path / "q.safetensors").unlink()
+        save_file({"time_text_embed.timestep_embedder.linear_1.weight": torch.zeros(48, 256, dtype=torch.bfloat16)},
+                  str(tmp_path / "e.safetensors"))
+        assert placement.folder_bytes(tmp_path, "int8") == 48 * 256 + 48 * 5
+
     @pytest.mark.parametrize("precision", ["int8", "fp8"])
     def test_a_text_encoders_size_counts_only_what_precision_quantises(self, tmp_path: Path, precision: str) -> None:
         """A real (tiny) Qwen2.5-VL encoder saved by transformers: its vision tower is stored as `visual.` and stays

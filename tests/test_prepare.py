@@ -1,7 +1,9 @@
 """Preparing at build time, for real: the tiny model served by the loopback hub, baked with
---fuse-lightning / --precision int8 / --text-encoder-precision int8 by the real bake script, then
-loaded offline by the worker, which must skip what the bake did and refuse settings that
-contradict it.  Also the precisions at load time (int8 through the handler on the CPU)."""
+--fuse-lightning / --precision int8|fp8 / --text-encoder-precision int8|fp8 by the real bake script
+on this CPU, then loaded offline by the worker, which must skip what the bake did and refuse
+settings that contradict it (fp8 on a CPU: a load error naming PRECISION).  Also the precisions at
+load time (int8 through the handler on the CPU).  fp8's tensors against quantising at load:
+tests/test_fp8_bake.py."""
 
 from __future__ import annotations
 
@@ -27,7 +29,8 @@ from test_bake import VARIANT, bake, lora_bytes, repos, tiny_repo  # noqa: F401 
 
 LORA_REF = f"{VARIANT.lora_repo}@fedcba9876543210fedcba9876543210fedcba98"
 BAKES = {"plain": (), "fused": ("--fuse-lightning",),
-         "int8": ("--fuse-lightning", "--precision", "int8", "--text-encoder-precision", "int8")}
+         "int8": ("--fuse-lightning", "--precision", "int8", "--text-encoder-precision", "int8"),
+         "fp8": ("--fuse-lightning", "--precision", "fp8", "--text-encoder-precision", "fp8")}
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +47,8 @@ def tiny_repo_bf16(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]
 @pytest.fixture(scope="module")
 def baked(tmp_path_factory: pytest.TempPathFactory, tiny_repo: dict[str, bytes],  # noqa: F811
           tiny_repo_bf16: dict[str, bytes], lora_bytes: bytes) -> dict[str, Path]:  # noqa: F811
-    """plain and fused from the float32 repo (bit-exact comparisons), int8 from the bf16 one (real sizes)."""
+    """plain and fused from the float32 repo (bit-exact comparisons), int8 from the bf16 one (real sizes), fp8
+    from the float32 one (fp8 reads the weights as bf16 whatever is stored, as the worker does on a GPU)."""
     folders = {}
     for name, options in BAKES.items():
         with Hub(repos(tiny_repo_bf16 if name == "int8" else tiny_repo, lora_bytes)) as hub:
@@ -243,11 +247,13 @@ class TestImageBuildStage:
             env.update({"HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf-home"), "HF_HUB_DISABLE_XET": "1"})
             out = subprocess.run([sys.executable, str(builder / "bake.py"), "--variant", VARIANT.name, "--dest",
                                   str(dest), "--token-file", str(tmp_path / "none"), "--fuse-lightning",
-                                  "--precision", "int8"], env=env, cwd=tmp_path, capture_output=True, text=True,
-                                 timeout=300)
+                                  "--precision", "int8", "--text-encoder-precision", "fp8"], env=env, cwd=tmp_path,
+                                 capture_output=True, text=True, timeout=300)
         assert out.returncode == 0, out.stderr[-3000:]
         prepared = manifest(dest / VARIANT.name)["prepared"]
-        assert prepared["fused_lora"] == LORA_REF and prepared["precision"]["transformer"] == "int8"
+        assert prepared["fused_lora"] == LORA_REF
+        assert prepared["precision"] == {"transformer": "int8", "text_encoder": "fp8"}  # fp8 too, from weights/ alone
+        assert prepared["quantised"]["text_encoder"]["made_on"] == "cpu"
 
 
     def test_build_args_reach_the_bake_and_become_the_runtime_defaults(self) -> None:
@@ -265,15 +271,44 @@ class TestImageBuildStage:
 
 
 class TestFp8Bake:
-    def test_fp8_without_an_ada_or_hopper_gpu_fails_before_downloading(
-            self, tmp_path: Path, tiny_repo: dict[str, bytes], lora_bytes: bytes) -> None:  # noqa: F811
-        with Hub(repos(tiny_repo, lora_bytes)) as hub:
-            out = bake(hub, tmp_path / "models", "--variant", VARIANT.name, "--text-encoder-precision", "fp8")
-            assert hub.requests == []
-        assert out.returncode == 2 and "Traceback" not in out.stderr
-        assert ("--text-encoder-precision: fp8 weights can only be made on a machine with an Ada or Hopper GPU"
-                in out.stderr and "set TEXT_ENCODER_PRECISION=fp8 so the worker quantises at load" in out.stderr)
-        assert not (tmp_path / "models").exists()
+    def test_fp8_bakes_on_this_cpu_and_the_manifest_says_how(self, baked: dict[str, Path]) -> None:
+        from torchao.prototype.safetensors.safetensors_utils import is_metadata_torchao
+
+        from qwen_edit_worker.weights import fp8_cpu
+
+        assert not torch.cuda.is_available()  # the bake above ran on a machine with no GPU
+        folder = baked["fp8"]
+        prepared = manifest(folder)["prepared"]
+        assert prepared["fused_lora"] == LORA_REF
+        assert prepared["precision"] == {"transformer": "fp8", "text_encoder": "fp8"}
+        # 34 linears; the encoder's 14 (its 264-row lm_head is no multiple of 16: torchao leaves it bf16)
+        for component, layers in (("transformer", 34), ("text_encoder", 14)):
+            assert prepared["quantised"][component] == {
+                "precision": "fp8", "made_on": "cpu", "torchao": "0.18.0",
+                "config": "Float8DynamicActivationFloat8WeightConfig", "granularity": "per-row", "layers": layers,
+                "hardware_check": fp8_cpu.HARDWARE_CHECK}
+            files = sorted((folder / component).glob("*.safetensors"))
+            tensors = {k: t for p in files for k, t in header(p).items() if k != "__metadata__"}
+            assert sum(t["dtype"] == "F8_E4M3" for t in tensors.values()) == layers
+            assert all(is_metadata_torchao(header(p)["__metadata__"]) for p in files)
+            config = json.loads((folder / component / "config.json").read_text())["quantization_config"]
+            assert config["quant_method"] == "torchao"
+            assert "Float8DynamicActivationFloat8WeightConfig" in json.dumps(config["quant_type"])
+        on_disk = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+        assert on_disk == sorted([f["path"] for f in manifest(folder)["files"]] + ["manifest.json"])
+        assert manifest(baked["int8"])["prepared"]["quantised"]["transformer"]["made_on"] == "cpu"
+
+    @pytest.mark.parametrize("settings", [{"PRECISION": "fp8", "TEXT_ENCODER_PRECISION": "fp8"},
+                                          {"PRECISION": "auto", "TEXT_ENCODER_PRECISION": "fp8"}])
+    def test_on_a_cpu_the_worker_says_so_naming_precision(self, baked: dict[str, Path],
+                                                          settings: dict[str, str]) -> None:
+        """The worker still refuses fp8 on a CPU (no float8 units), before reading a weight, and says that no
+        other PRECISION can load these weights (auto takes the baked fp8)."""
+        out = Worker({"MODEL_PATH": str(baked["fp8"]), "WARMUP": "0", **settings}).handle(small_job())
+        assert out["error"] == (
+            "PRECISION: fp8 needs a CUDA GPU with float8 units (Ada or Hopper); the image's weights are baked fp8 "
+            "(manifest.json), so no other PRECISION loads them: run it on an Ada or Hopper GPU, or bake with "
+            "--precision bf16 or --precision int8")
 
 
 class TestPrecisionsAtLoad:
@@ -310,6 +345,19 @@ class TestPrecisionsAtLoad:
         precision.check("int8", "PRECISION", True, (8, 0))  # an A100
         precision.check("fp8", "PRECISION", True, (9, 0))  # an H100
         precision.check("int8", "PRECISION", False, None)  # a CPU runs int8
+
+    def test_with_the_weights_baked_so_the_message_names_the_bake(self) -> None:
+        """No setting helps when the weights are stored at a precision this machine cannot run: the message says
+        to run the image elsewhere or to bake another precision (the fp8 bake on a CPU: TestFp8Bake)."""
+        with pytest.raises(ModelLoadError, match=r"^TEXT_ENCODER_PRECISION: fp8 needs compute capability 8\.9 .* "
+                                                 r"this GPU is 8\.0; the image's weights are baked fp8 .* or bake "
+                                                 r"with --text-encoder-precision bf16 or --text-encoder-precision "
+                                                 r"int8$"):
+            precision.check("fp8", "TEXT_ENCODER_PRECISION", True, (8, 0), "fp8")  # an A100
+        with pytest.raises(ModelLoadError, match=r"this GPU is 7\.5; the image's weights are baked int8 .* run it on "
+                                                 r"an Ampere, Ada or Hopper GPU, or bake with --precision bf16$"):
+            precision.check("int8", "PRECISION", True, (7, 5), "int8")  # a T4
+        precision.check("fp8", "PRECISION", True, (8, 9), "fp8")  # an L4 / 4090 / L40S
 
     def test_stored_int8_bytes_are_what_torchao_saves(self) -> None:
         """The bytes table (bench/gpu --bytes) counts int8 weights with these constants."""

@@ -192,8 +192,9 @@ def resolve_precision(settings: Settings, source: sources.ModelSource | None, cu
 def check_precisions(settings: Settings, source: sources.ModelSource | None, cuda: bool,
                      capability: tuple[int, int] | None) -> None:
     """Before any weight is read: precisions this machine cannot run, settings that contradict the bake."""
-    precision.check(settings.precision, "PRECISION", cuda, capability)
-    precision.check(settings.text_encoder_precision, "TEXT_ENCODER_PRECISION", cuda, capability)
+    stored = baked(source)  # an fp8 bake on a CPU or an older GPU: the message says no setting can help
+    precision.check(settings.precision, "PRECISION", cuda, capability, stored[0])
+    precision.check(settings.text_encoder_precision, "TEXT_ENCODER_PRECISION", cuda, capability, stored[1])
     if source is not None:
         source.check_settings(settings.lightning, settings.lora_path, settings.precision,
                               settings.text_encoder_precision)

@@ -281,12 +281,15 @@ def folder_bytes(folder: Path, precision: str = "bf16", component: str | None = 
     """Bytes a component's safetensors take on the GPU at `precision` (from the headers alone).
 
     Floating-point tensors load as bf16 (2 bytes an element).  A 2-D floating-point `.weight` (a
-    linear layer's; embeddings excluded) that weights/precision.py quantises in `component` (the
-    folder's name unless given: the text encoder's vision tower stays bf16) counts as torchao stores
-    it at `precision` (precision.linear_weight_bytes: scales included); tensors already stored
-    quantised count as stored.  `held`: without the weights the worker drops at load (DROPPED: the text
-    encoder's lm_head); else every weight read.  An estimate made before loading; the load log gives
-    the bytes really resident afterwards.
+    linear layer's: not an embedding table, whose module's own name holds `embed`, as `embed_tokens`;
+    `time_text_embed.timestep_embedder.linear_1` is a linear) that weights/precision.py quantises in
+    `component` (the folder's name unless given: the text encoder's vision tower stays bf16) counts
+    as torchao stores it at `precision` (precision.linear_weight_bytes: scales included).  Tensors
+    already stored quantised count as stored: integer and float8 data, and every piece of a tensor
+    torchao saved (`<module>._weight_qdata`, `._weight_scale`: its float32 scales stay float32 at
+    load).  `held`: without the weights the worker drops at load (DROPPED: the text encoder's
+    lm_head, `lm_head.weight` or, baked quantised, `lm_head._weight_*`); else every weight read.  An
+    estimate made before loading; the load log gives the bytes really resident afterwards.
     """
     component = component or folder.name
     dropped = DROPPED.get(component, ()) if held else ()
@@ -294,13 +297,17 @@ def folder_bytes(folder: Path, precision: str = "bf16", component: str | None = 
     for file in sorted(folder.glob("*.safetensors")):
         with file.open("rb") as handle:
             header = json.loads(handle.read(struct.unpack("<Q", handle.read(8))[0]))
+        torchao = "tensor_names" in (header.get("__metadata__") or {})  # torchao's safetensors metadata
         for name, spec in header.items():
             if name == "__metadata__" or name.startswith(dropped):
                 continue
             start, end = spec["data_offsets"]
             shape, size = spec["shape"], end - start
-            if (spec["dtype"] in FLOATS and len(shape) == 2 and name.endswith(".weight") and "embed" not in name
-                    and stored_quantised(component, name)):
+            module, _, leaf = name.rpartition(".")
+            if torchao and leaf.startswith("_"):  # a piece of a quantised tensor, loaded as stored
+                pass
+            elif (spec["dtype"] in FLOATS and len(shape) == 2 and leaf == "weight"
+                    and "embed" not in module.rpartition(".")[2] and stored_quantised(component, name)):
                 size = linear_weight_bytes(shape[0], shape[1], precision)
             elif spec["dtype"] in FLOATS:  # loaded as bf16 whatever the file stores
                 size = size // FLOATS[spec["dtype"]] * 2

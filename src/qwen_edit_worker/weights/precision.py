@@ -10,8 +10,9 @@ load time (the worker quantises bf16 weights itself).  Both use the definitions 
   (torchao `Int8DynamicActivationInt8WeightConfig`; `torch._int_mm`).  The int8 matrix units
   exist from Ampere (sm80) on; the same kernels also run on a CPU, which makes int8 testable.
 - `fp8`: float8 e4m3 weights and activations with per-row scales
-  (`Float8DynamicActivationFloat8WeightConfig`).  Ada and Hopper (sm89+) only; torchao refuses
-  to create it on any machine without such a GPU, CPU tensors included.
+  (`Float8DynamicActivationFloat8WeightConfig`).  Runs on Ada and Hopper (sm89+) only.  torchao
+  refuses to create it on a machine without such a GPU, CPU tensors included; the bake makes it on
+  the CPU anyway, with torchao's own code and that check answered inside the call (fp8_cpu.py).
 
 Which layers: every `nn.Linear` of the transformer (after the Lightning LoRA is fused: a bf16
 LoRA over quantised weights gave grid artifacts upstream).  In the text encoder, the language
@@ -52,22 +53,36 @@ STORED_KEPT = {"text_encoder": ("visual.", "model.visual.")}
 STORED_BYTES = {"bf16": (2, 0), "int8": (1, 5), "fp8": (1, 4)}
 
 
-def check(precision: str, setting: str, cuda: bool, capability: tuple[int, int] | None) -> None:
+def check(precision: str, setting: str, cuda: bool, capability: tuple[int, int] | None, baked: str = "bf16") -> None:
     """Raise ModelLoadError naming `setting` when this machine cannot run `precision`.
 
-    int8 runs on a CPU (slowly) and on CUDA GPUs of compute capability 8.0+; fp8 needs 8.9+.
+    int8 runs on a CPU (slowly) and on CUDA GPUs of compute capability 8.0+; fp8 needs 8.9+.  When the
+    weights are `baked` at `precision` (an fp8 bake, say), no other setting can help on this machine:
+    the message says to run the image on such a GPU or to bake another precision.
     """
     if precision not in QUANTISED:
         return
     need = MIN_CAPABILITY[precision]
     if not cuda or capability is None:
         if precision == "fp8":
-            raise ModelLoadError(setting, "fp8 needs a CUDA GPU with float8 units (Ada or Hopper); use bf16 or int8")
+            raise ModelLoadError(setting, "fp8 needs a CUDA GPU with float8 units (Ada or Hopper); "
+                                          + _instead(setting, precision, baked, "bf16 or int8"))
         return
     if capability < need:
         raise ModelLoadError(setting, f"{precision} needs compute capability {need[0]}.{need[1]} or newer "
                                       f"({GPU_NAMES[precision]}); this GPU is {capability[0]}.{capability[1]}; "
-                                      f"use {'bf16 or int8' if capability >= (8, 0) else 'bf16'}")
+                                      + _instead(setting, precision, baked,
+                                                 "bf16 or int8" if capability >= (8, 0) else "bf16"))
+
+
+def _instead(setting: str, precision: str, baked: str, usable: str) -> str:
+    """What to do instead: another value of `setting`, or (weights baked at `precision`) another GPU or bake."""
+    if baked != precision:
+        return f"use {usable}"
+    flag = {"PRECISION": "--precision", "TEXT_ENCODER_PRECISION": "--text-encoder-precision"}.get(setting, setting)
+    rebake = " or ".join(f"{flag} {value}" for value in usable.split(" or "))
+    return (f"the image's weights are baked {precision} (manifest.json), so no other {setting} loads them: run it "
+            f"on an {GPU_NAMES[precision]} GPU, or bake with {rebake}")
 
 
 def resolve(precision: str, cuda: bool, capability: tuple[int, int] | None, baked: str = "bf16") -> str:

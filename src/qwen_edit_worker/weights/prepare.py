@@ -3,15 +3,19 @@
 Why this exists: without it every cold start reads the LoRA file, fuses it into the 20 B
 transformer, and (with PRECISION/TEXT_ENCODER_PRECISION set) quantises 28 B parameters, and the
 image carries and the host reads the full bf16 weights.  builder/bake.py calls `prepare` once, on
-the build machine (a CPU is enough for the fuse and for int8), and the worker then loads the
-stored result as it is: `manifest.json`'s `prepared` block says what was done, and the loader
-skips it (model/sources.py refuses settings that contradict it).
+the build machine (a CPU is enough for the fuse, int8 and fp8: fp8 through torchao's own code with
+its hardware question answered, weights/fp8_cpu.py), and the worker then loads the stored result as
+it is: `manifest.json`'s `prepared` block says what was done (`quantised`: per component, the
+precision, where and with which torchao and configuration), and the loader skips it
+(model/sources.py refuses settings that contradict it).
 
 Order matters: the LoRA is fused in the checkpoint's own dtype first, then quantisation reads the
 fused weights (a bf16 LoRA over quantised weights gave grid artifacts upstream).  Quantised
 components are saved through diffusers' / transformers' `TorchAoConfig`, as safetensors with
 torchao's metadata (torchao >= 0.16), so `from_pretrained` recognises them and loads them
 quantised.  Each rewritten component is written beside the old one and swapped in only when whole.
+fp8 reads the weights as bf16 whatever the checkpoint stores: torchao's per-row fp8 takes bf16 only,
+and bf16 is what the worker reads them as on a GPU before quantising at load, so both start alike.
 """
 
 from __future__ import annotations
@@ -22,14 +26,16 @@ import shutil
 import struct
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
-from . import lightning, precision
+from . import fp8_cpu, lightning, precision
 from .errors import ModelLoadError
 
 log = logging.getLogger(__name__)
 STORED_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
+GRANULARITIES = {"PerRow": "per-row", "PerTensor": "per-tensor"}  # torchao's classes, as the manifest names them
 
 
 class PrepareError(Exception):
@@ -55,32 +61,28 @@ def prepare(folder: Path, lora: Path | None, lora_ref: str | None, transformer_p
             shutil.rmtree(lora.parent)
         else:
             lora.unlink()
+    quantised = {}
     if transformer_precision != "bf16":
-        _quantise_diffusers(folder / "transformer", index["transformer"][1], transformer_precision)
+        quantised["transformer"] = _quantise_diffusers(folder / "transformer", index["transformer"][1],
+                                                       transformer_precision)
     if text_encoder_precision != "bf16":
-        _quantise_transformers(folder / "text_encoder", index["text_encoder"][1], text_encoder_precision)
+        quantised["text_encoder"] = _quantise_transformers(folder / "text_encoder", index["text_encoder"][1],
+                                                           text_encoder_precision)
     seconds = round(time.perf_counter() - started, 1)
     log.info("prepared in %.1f s: LoRA %s, transformer %s, text encoder %s", seconds,
              f"fused ({layers} layers)" if layers else "not fused", transformer_precision, text_encoder_precision)
     return {"fused_lora": lora_ref if lora is not None else None, "fused_layers": layers,
             "precision": {"transformer": transformer_precision, "text_encoder": text_encoder_precision},
-            "seconds": seconds}
+            **({"quantised": quantised} if quantised else {}), "seconds": seconds}
 
 
 def check_can_quantise(flag: str, value: str) -> None:
-    """int8 quantises anywhere; torchao creates fp8 weights only on a machine with an sm89+ GPU."""
+    """int8 and fp8 both quantise on the build machine's CPU; fp8 with the torchao version it was checked for."""
     if value not in precision.PRECISIONS:
         raise PrepareError(f"{flag}: must be one of {', '.join(precision.PRECISIONS)} (got {value!r})")
-    if value != "fp8":
-        return
-    import torch
-
-    capability = torch.cuda.get_device_capability(0) if torch.cuda.is_available() else None
-    if capability is None or capability < precision.MIN_CAPABILITY["fp8"]:
-        setting = "PRECISION" if flag == "--precision" else "TEXT_ENCODER_PRECISION"
-        raise PrepareError(f"{flag}: fp8 weights can only be made on a machine with an Ada or Hopper GPU (torchao "
-                           "refuses otherwise) and this build has none; bake int8, or bake bf16 and set "
-                           f"{setting}=fp8 so the worker quantises at load on the GPU")
+    problem = fp8_cpu.unsupported() if value == "fp8" else None
+    if problem:
+        raise PrepareError(f"{flag}: {problem}")
 
 
 def stored_dtype(component: Path) -> Any:
@@ -113,33 +115,55 @@ def _fuse(folder: Path, index: dict[str, Any], lora: Path) -> int:
     return layers
 
 
-def _quantise_diffusers(component: Path, class_name: str, value: str) -> None:
+def _quantise_diffusers(component: Path, class_name: str, value: str) -> dict[str, Any]:
     import diffusers
 
     config = diffusers.TorchAoConfig(precision.torchao_config(value))
-    model = getattr(diffusers, class_name).from_pretrained(component, quantization_config=config,
-                                                           dtype=stored_dtype(component))
-    _check_quantised(component.name, model, value)
+    with fp8_cpu.answered() if value == "fp8" else nullcontext():
+        model = getattr(diffusers, class_name).from_pretrained(component, quantization_config=config,
+                                                               dtype=_read_dtype(component, value))
+    record = _record(component.name, model, value, config.quant_type)
     _replace(component, lambda out: model.save_pretrained(out, safe_serialization=True))
+    return record
 
 
-def _quantise_transformers(component: Path, class_name: str, value: str) -> None:
+def _quantise_transformers(component: Path, class_name: str, value: str) -> dict[str, Any]:
     import transformers
 
     tied = bool(getattr(transformers.AutoConfig.from_pretrained(component), "tie_word_embeddings", False))
     config = transformers.TorchAoConfig(precision.torchao_config(value),
                                         modules_to_not_convert=precision.text_encoder_kept(tied))
-    model = getattr(transformers, class_name).from_pretrained(component, quantization_config=config,
-                                                              dtype=stored_dtype(component))
-    _check_quantised(component.name, model, value)
+    with fp8_cpu.answered() if value == "fp8" else nullcontext():
+        model = getattr(transformers, class_name).from_pretrained(component, quantization_config=config,
+                                                                  dtype=_read_dtype(component, value))
+    record = _record(component.name, model, value, config.quant_type)
     _replace(component, lambda out: model.save_pretrained(out, safe_serialization=True))
+    return record
 
 
-def _check_quantised(name: str, model: Any, value: str) -> None:
+def _read_dtype(component: Path, value: str) -> Any:
+    """fp8 reads bf16 (torchao's per-row fp8 takes bf16 only, as the worker reads it on a GPU); else as stored."""
+    import torch
+
+    return torch.bfloat16 if value == "fp8" else stored_dtype(component)
+
+
+def _record(name: str, model: Any, value: str, config: Any) -> dict[str, Any]:
+    """The manifest's account of one quantised component (or PrepareError when nothing was quantised)."""
+    import torchao
+
     count = precision.quantised_linears(model)
     if count == 0:
         raise PrepareError(f"{name}: quantising to {value} changed no layer")
-    log.info("%s: %d linear layers quantised to %s", name, count, value)
+    made_on = sorted({p.device.type for p in model.parameters()})
+    log.info("%s: %d linear layers quantised to %s on %s", name, count, value, ", ".join(made_on))
+    granularities = config.granularity if isinstance(config.granularity, list | tuple) else [config.granularity]
+    granularity = {GRANULARITIES.get(type(g).__name__, type(g).__name__) for g in granularities}
+    record = {"precision": value, "made_on": ", ".join(made_on), "torchao": torchao.__version__,
+              "config": type(config).__name__, "granularity": ", ".join(sorted(granularity)), "layers": count}
+    if value == "fp8" and made_on == ["cpu"]:
+        record["hardware_check"] = fp8_cpu.HARDWARE_CHECK
+    return record
 
 
 def _replace(component: Path, write: Callable[[Path], None]) -> None:
