@@ -37,10 +37,11 @@ def on(device: str, dtype: torch.dtype) -> Iterator[None]:
         torch.set_default_dtype(previous)
 
 
-def text_encoder_config(tokenizer: Any, layers: int | None = None) -> Any:
-    """The real Qwen2.5-VL-7B config (or the same widths with `layers` text and vision layers)."""
+def text_encoder_config(tokenizer: Any, layers: int | None = None, vision_layers: int | None = None) -> Any:
+    """The real Qwen2.5-VL-7B config (or the same widths with `layers` text and vision layers; `vision_layers`
+    gives the vision tower its own depth)."""
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in tiny.SPECIAL_TOKENS}
-    return realconfig.text_encoder_config(layers, ids)
+    return realconfig.text_encoder_config(layers, ids, vision_layers)
 
 
 def transformer(device: str, dtype: torch.dtype, zero_cond_t: bool = True, seed: int | None = None) -> Any:
@@ -75,8 +76,9 @@ def components(device: str, dtype: torch.dtype, zero_cond_t: bool = True, seed: 
             "scheduler": lightning.lightning_scheduler(tiny.base_scheduler())}
 
 
-def write_lora(path: Path, model: Any, rank: int = 16, seed: int = 1) -> Path:
-    """A Lightning-shaped LoRA for `model` (any size) in LightX2V's key layout, small random values."""
+def write_lora(path: Path, model: Any, rank: int = 16, seed: int = 1, alpha: float | None = None) -> Path:
+    """A Lightning-shaped LoRA for `model` (any size) in LightX2V's key layout, small random values
+    (`alpha` defaults to the rank; the real Lightning files are believed to be rank 64, alpha 8: facts.md 11)."""
     from safetensors.torch import save_file
 
     generator = torch.Generator().manual_seed(seed)
@@ -85,7 +87,7 @@ def write_lora(path: Path, model: Any, rank: int = 16, seed: int = 1) -> Path:
         if name.startswith("transformer_blocks.") and name.endswith(tiny.LORA_MODULES):
             state[f"{name}.lora_down.weight"] = torch.randn(rank, module.in_features, generator=generator) * 0.01
             state[f"{name}.lora_up.weight"] = torch.randn(module.out_features, rank, generator=generator) * 0.01
-            state[f"{name}.alpha"] = torch.tensor(float(rank))
+            state[f"{name}.alpha"] = torch.tensor(float(rank if alpha is None else alpha))
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.to(torch.bfloat16) for k, v in state.items()}, str(path))
     return path

@@ -43,16 +43,21 @@ TOKEN_IDS = {"<|image_pad|>": 151655, "<|video_pad|>": 151656, "<|vision_start|>
 VOCAB_SIZE = 152064
 
 
-def text_encoder_config(layers: int | None = None, token_ids: dict[str, int] | None = None) -> Any:
+def text_encoder_config(layers: int | None = None, token_ids: dict[str, int] | None = None,
+                        vision_layers: int | None = None) -> Any:
     """The Qwen2.5-VL-7B config (or the same widths with `layers` text and vision layers).
 
     `token_ids` maps the four vision special tokens to ids (a tokenizer's); Qwen's own by default.
+    `vision_layers` gives the vision tower its own depth (default: `layers`; its real 32 keeps it whole).
     """
     from transformers import Qwen2_5_VLConfig
 
     text, vision = dict(TEXT_CONFIG), dict(VISION_CONFIG)
     if layers is not None:  # same widths, fewer layers
-        text["num_hidden_layers"], vision["depth"], vision["fullatt_block_indexes"] = layers, layers, [layers - 1]
+        text["num_hidden_layers"] = layers
+    depth = layers if vision_layers is None else vision_layers
+    if depth is not None and depth != VISION_CONFIG["depth"]:
+        vision["depth"], vision["fullatt_block_indexes"] = depth, [depth - 1]
     ids = {**TOKEN_IDS, **(token_ids or {})}
     return Qwen2_5_VLConfig(text_config=text, vision_config=vision, vocab_size=VOCAB_SIZE,
                             image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
