@@ -29,8 +29,9 @@ ROUNDS = 2
 NO_TIMELINE = ("the worker logged no 'load timeline:' line (today's worker does not): imports_s is null; ready_s and "
                "the sampled folder reads stand")
 
-UNREAD = ("ready came before {:.0%} of the folder's bytes were read: tensors left backed by the file mapping "
-          "(safetensors mmap; int8 weights on a CPU) are read when first used, so the first job pays that read")
+UNREAD = ("ready came before {:.0%} of the folder's bytes had been read from storage (read_bytes): tensors left "
+          "backed by the file mapping (safetensors mmap; int8 weights on a CPU) are read when first used, so the first "
+          "job pays that read")
 
 
 def ensure_folder(folder: Path, blocks: int, layout: str, variant: str) -> dict[str, Any]:
@@ -80,6 +81,7 @@ def measure(folder: Path, blocks: int, layout: str, variant: str, port: int, saf
     if layout == "int8":  # as the int8 image sets them (Dockerfile: the run-time settings default to the bake)
         settings |= {"PRECISION": "int8", "TEXT_ENCODER_PRECISION": "int8"}
     log(f"starting the worker on {folder} ({total / 1e9:.2f} GB, {before['resident_fraction']:.1%} cached)")
+    available = mem_available_gb()
     worker = coldworker.run(folder, variant, port, settings, paths)
     timeline = worker.pop("timeline")
     log(f"worker ready at {worker['ready_s']:.1f} s (peak RSS {worker['peak_rss_gb']} GB)")
@@ -101,6 +103,7 @@ def measure(folder: Path, blocks: int, layout: str, variant: str, port: int, saf
         "timeline_note": None if timeline is not None else NO_TIMELINE,
         "read_note": None if (worker["folder_read_fraction_at_ready"] or 0) >= 0.99 else UNREAD.format(
             1 - (worker["folder_read_fraction_at_ready"] or 0)),
+        "mem_available_gb_before_worker": available,
         "machine": {**benchlib.machine(), "ram_gb": ram_gb()},
         "worker_log": worker["log"], "worker_samples": worker["samples"],
     }
@@ -116,6 +119,14 @@ def gpu() -> bool:
     except ImportError:
         return False
     return bool(torch.cuda.is_available())
+
+
+def mem_available_gb() -> float | None:
+    """MemAvailable now (a shared machine: what the worker and the page cache have between them)."""
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return round(int(line.split()[1]) * 1024 / 1e9, 1)
+    return None
 
 
 def ram_gb() -> float:
@@ -145,7 +156,8 @@ def report(result: dict[str, Any]) -> None:
     rows.append({"what": f"DERIVED at 60 blocks ({derived['gb']} GB): raw read", "seconds": derived["raw_read_s"]})
     rows.append({"what": "DERIVED at 60 blocks: ready", "seconds": derived["ready_s"]})
     print(benchlib.table(rows, ["what", "seconds", "gb_s", "cached_before"]))
-    for key in ("ready_over_raw_read", "worker_peak_rss_gb", "component_gb", "worker_folder_read_gb_at_ready",
+    for key in ("ready_over_raw_read", "worker_peak_rss_gb", "component_gb", "worker_folder_cached_gb_most_seen",
+                "worker_io_read_gb_at_ready",
                 "safety_checker", "timeline_note", "read_note"):
         print(f"# {key}: {result[key]}")
     milestones = {k.removeprefix("worker_"): v for k, v in result.items() if k.startswith("worker_folder_read")}

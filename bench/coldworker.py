@@ -7,10 +7,12 @@ skipped, so nothing leaves the machine) and watches it from outside:
 - `ready_s`: just before Popen to the moment its "model ready" log line is read;
 - the worker's own "load timeline: {json}" line, when it logs one (seconds since its process started);
 - every log line with the second it arrived (where the time goes, whatever the worker logs);
-- sampled every SAMPLE_S: how much of the folder is in the page cache (the bytes read so far, since the
-  cache was dropped just before the start), and the process's RSS (anonymous and file-backed);
+- sampled every SAMPLE_S: the bytes it has read from storage (/proc/<pid>/io read_bytes: the folder, since
+  its cache was dropped just before the start, and any library not already cached), how much of each
+  component is in the page cache, and the process's RSS (anonymous and file-backed);
 - its peak RSS (VmHWM) just before it is stopped (terminate, then kill: never left running);
-- how much of each component was in the page cache once it had stopped: what the load really read.  A
+- what the load really read by "model ready" (read_bytes over the folder's bytes; per component, the most
+  of it seen in the page cache).  A
   tensor left backed by safetensors' file mapping (int8 weights on a CPU are) is read only when first used,
   so "ready" can come before the last byte is read; on a GPU the copy to the device reads everything.
 """
@@ -53,12 +55,25 @@ def status(pid: int) -> dict[str, int]:
     return out
 
 
-class Watcher:
-    """Samples the folder's page-cache residency and the process's memory while it loads."""
+def io_read_bytes(pid: int) -> int | None:
+    """Bytes `pid` has had read from storage (its threads together; mmap page faults included)."""
+    try:
+        for line in Path(f"/proc/{pid}/io").read_text().splitlines():
+            if line.startswith("read_bytes:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
 
-    def __init__(self, pid: int, paths: Sequence[Path], started: float) -> None:
-        self.pid, self.paths, self.started = pid, list(paths), started
+
+class Watcher:
+    """Samples, while the worker loads: the bytes it has read from storage, how much of each component is in
+    the page cache (the most seen: under memory pressure the kernel evicts what was read), and its memory."""
+
+    def __init__(self, pid: int, folder: Path, paths: Sequence[Path], started: float) -> None:
+        self.pid, self.folder, self.paths, self.started = pid, folder, list(paths), started
         self.samples: list[dict[str, float]] = []
+        self.most_resident: dict[str, int] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -72,22 +87,36 @@ class Watcher:
 
     def _run(self) -> None:
         while not self._stop.wait(SAMPLE_S):
-            memory = status(self.pid)
+            memory, read = status(self.pid), io_read_bytes(self.pid)
             try:
-                resident = sum(pagecache.resident_bytes(p) for p in self.paths)
+                resident = component_residency(self.folder, self.paths)
             except OSError:
                 continue
-            self.samples.append({"t": round(time.perf_counter() - self.started, 2), "folder_resident_gb":
-                                 round(resident / 1e9, 3), "rss_gb": round(memory.get("VmRSS", 0) / 1e9, 3),
+            for name, size in resident.items():
+                self.most_resident[name] = max(size, self.most_resident.get(name, 0))
+            self.samples.append({"t": round(time.perf_counter() - self.started, 2),
+                                 "io_read_gb": None if read is None else round(read / 1e9, 3),
+                                 "folder_resident_gb": round(sum(resident.values()) / 1e9, 3),
+                                 "rss_gb": round(memory.get("VmRSS", 0) / 1e9, 3),
                                  "anon_gb": round(memory.get("RssAnon", 0) / 1e9, 3)})
 
     def read_milestones(self, total: int) -> dict[str, float | None]:
-        """Seconds until 1%, 50%, 90% and 99% of the folder had come into the page cache (observed, sampled)."""
+        """Seconds until the process had read 1%, 50%, 90% and 99% of the folder's bytes from storage (sampled)."""
         out: dict[str, float | None] = {}
         for share in (0.01, 0.5, 0.9, 0.99):
-            hit = next((s["t"] for s in self.samples if s["folder_resident_gb"] * 1e9 >= share * total), None)
+            hit = next((s["t"] for s in self.samples if (s["io_read_gb"] or 0) * 1e9 >= share * total), None)
             out[f"folder_read_{round(share * 100)}pct_s"] = hit
         return out
+
+
+def component_residency(folder: Path, paths: Sequence[Path]) -> dict[str, int]:
+    """Page-cache bytes per component (top-level folder; loose files as `other`)."""
+    out: dict[str, int] = {}
+    for path in paths:
+        parts = path.relative_to(folder).parts
+        key = parts[0] if len(parts) > 1 else "other"
+        out[key] = out.get(key, 0) + pagecache.resident_bytes(path)
+    return out
 
 
 def run(folder: Path, variant: str, port: int, settings: Mapping[str, str], paths: Sequence[Path],
@@ -119,19 +148,18 @@ def run(folder: Path, variant: str, port: int, settings: Mapping[str, str], path
 
     reader = threading.Thread(target=follow, daemon=True)
     peak: dict[str, int] = {}
-    with Watcher(process.pid, paths, started) as watcher:
+    read: int | None = None
+    with Watcher(process.pid, folder, paths, started) as watcher:
         reader.start()
         try:
             done.wait(timeout_s)
-            peak = status(process.pid)
+            peak, read = status(process.pid), io_read_bytes(process.pid)
         finally:
             stop(process)
     reader.join(10)
-    resident_after = {}  # what the load read of each component (the cache was dropped before it started)
-    for path in paths:
-        top = path.relative_to(folder).parts
-        key = top[0] if len(top) > 1 else "other"
-        resident_after[key] = resident_after.get(key, 0) + pagecache.resident_bytes(path)
+    seen = dict(watcher.most_resident)  # the cache was dropped before the start: what is in it, the load read
+    for name, size in component_residency(folder, paths).items():
+        seen[name] = max(size, seen.get(name, 0))
     failed = next((text for _, text in lines if FAILED in text), None)
     if failed or not ready_at:
         tail = "\n".join(text for _, text in lines[-20:])
@@ -142,8 +170,9 @@ def run(folder: Path, variant: str, port: int, settings: Mapping[str, str], path
             "peak_rss_gb": round(peak.get("VmHWM", 0) / 1e9, 2),
             "peak_anon_gb_sampled": max((s["anon_gb"] for s in watcher.samples), default=None),
             **watcher.read_milestones(total), "samples": watcher.samples,
-            "folder_read_gb_at_ready": {k: round(v / 1e9, 3) for k, v in sorted(resident_after.items())},
-            "folder_read_fraction_at_ready": round(sum(resident_after.values()) / total, 3) if total else None,
+            "io_read_gb_at_ready": None if read is None else round(read / 1e9, 3),
+            "folder_cached_gb_most_seen": {k: round(v / 1e9, 3) for k, v in sorted(seen.items())},
+            "folder_read_fraction_at_ready": None if read is None or not total else round(read / total, 3),
             "log": [f"{t:7.2f}s {text}" for t, text in sorted(lines[:KEPT_LINES] + progress)]}
 
 

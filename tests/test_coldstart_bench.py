@@ -214,6 +214,8 @@ def test_the_measurement_on_a_narrow_folder_through_a_new_worker_process(folders
         assert 0 < result["imports_s"] < result["ready_s"]
     assert result["worker_peak_rss_gb"] > 0 and result["worker_exit_code"] is not None  # stopped, not left running
     assert any("model ready" in line for line in result["worker_log"])
+    assert result["worker_folder_read_fraction_at_ready"] > 0  # read from storage: the page cache was cold
+    assert set(result["worker_folder_cached_gb_most_seen"]) >= {"transformer", "text_encoder", "vae"}
     assert result["at_60_blocks_derived"]["derived"] is True and result["machine"]["date"]
 
 
