@@ -26,11 +26,11 @@ import realscale
 
 READERS = (1, 2, 4)
 ROUNDS = 2
-NOT_REPEATED = ("samples", "log", "timeline", "imports_s", "resident_before", "mem_available_gb_before")
+NOT_REPEATED = ("samples", "log", "timeline", "imports_s", "ready_s", "resident_before", "mem_available_gb_before")
 RUN_FIELDS = ("ready_s", "imports_s", "peak_rss_gb", "folder_read_fraction_at_ready", "folder_read_1pct_s",
               "resident_before", "mem_available_gb_before")
-NO_TIMELINE = ("the worker logged no 'load timeline:' line (today's worker does not): imports_s is null; ready_s and "
-               "the sampled folder reads stand")
+NO_TIMELINE = ("the worker logged no 'load timeline:' line (a worker from before issue 27 does not): imports_s is "
+               "null; ready_s and the sampled folder reads stand")
 
 UNREAD = ("ready came before {:.0%} of the folder's bytes had been read from storage (read_bytes): tensors left "
           "backed by the file mapping (safetensors mmap; int8 weights on a CPU) are read when first used, so the first "

@@ -36,6 +36,7 @@ import pagecache
 READY, FAILED, TIMELINE = "model ready", "model load failed", "load timeline: "
 SAMPLE_S = 0.5
 SHARES = (0.01, 0.5, 0.9, 0.99)
+TIMELINE_WAIT_S = 5.0  # how long after "model ready" the "load timeline:" line may take (a worker without one: all)
 KEPT_LINES = 80  # log lines kept in the result (the first ones: the load's story), progress bars left out
 PROGRESS = re.compile(r"\d+%\|")  # a tqdm bar ("Loading weights:  45%|...")
 # The SDK must never send traffic off this machine (facts.md section 12); no hub is asked either.
@@ -137,7 +138,7 @@ def run(folder: Path, variant: str, port: int, settings: Mapping[str, str], path
     lines: list[tuple[float, str]] = []
     progress: list[tuple[float, str]] = []
     ready_at: list[float] = []
-    done = threading.Event()
+    done, logged = threading.Event(), threading.Event()
     started = time.perf_counter()
     process = subprocess.Popen([sys.executable, str(benchlib.ROOT / "handler.py"), "--rp_serve_api",
                                 "--rp_api_port", str(port), "--rp_api_host", "127.0.0.1"], cwd=benchlib.ROOT,
@@ -154,7 +155,10 @@ def run(folder: Path, variant: str, port: int, settings: Mapping[str, str], path
             if (READY in line or FAILED in line) and not ready_at:
                 ready_at.append(now)
                 done.set()
+            if TIMELINE in line or FAILED in line:
+                logged.set()
         done.set()
+        logged.set()
 
     reader = threading.Thread(target=follow, daemon=True)
     peak: dict[str, int] = {}
@@ -164,6 +168,7 @@ def run(folder: Path, variant: str, port: int, settings: Mapping[str, str], path
         try:
             done.wait(timeout_s)
             peak, read = status(process.pid), io_read_bytes(process.pid)
+            logged.wait(TIMELINE_WAIT_S)  # the worker logs its timeline just after "model ready"
         finally:
             stop(process)
     reader.join(10)

@@ -92,7 +92,7 @@ class TestRealFolder:
 
     @pytest.mark.parametrize("layout", realfolder.LAYOUTS)
     def test_the_workers_own_loader_loads_it_as_a_bake(self, folders: dict, layout: str) -> None:
-        from qwen_edit_worker.model.loader import load_model
+        from qwen_edit_worker.model.sequence import load_model
         from qwen_edit_worker.settings import Settings
 
         folder, _ = folders[layout]
@@ -211,8 +211,8 @@ def test_the_measurement_on_a_narrow_folder_through_a_new_worker_process(folders
     assert result["ready_over_raw_read"] == pytest.approx(result["ready_s"] / result["raw_read_s"], abs=0.01)
     if result["imports_s"] is None:  # today's worker logs no timeline; the note says so
         assert "imports_s is null" in result["timeline_note"]
-    else:
-        assert 0 < result["imports_s"] < result["ready_s"]
+    else:  # the worker's own clock (since its process started) beside the bench's (since just before Popen)
+        assert 0 < result["imports_s"] <= result["worker_read_s"] <= result["worker_ready_s"] <= result["ready_s"]
     assert result["worker_peak_rss_gb"] > 0 and result["worker_exit_code"] is not None  # stopped, not left running
     assert any("model ready" in line for line in result["worker_log"])
     assert result["worker_folder_read_fraction_at_ready"] > 0  # read from storage: the page cache was cold
