@@ -5,9 +5,8 @@ text encoder's 28 layers, so its load is measured on 4-10 GB, not 30-58 GB.  The
 identical, so the whole model's bytes are the folder's plus the missing blocks, each as large as block 0
 is in the folder's own safetensors headers (the LoRA file's block 0 likewise): the layout's exact bytes,
 quantisation scales included.  They are set beside placement.REFERENCE_BYTES (the meta-device count of
-the same configs) as a check.  The times are DERIVED, never measured: the raw read at the measured rate;
-ready as its fixed part (imports and set-up: the worker's imports_s, else the moment it began to read
-the folder) plus the rest scaled by bytes.
+the same configs) as a check.  The times are DERIVED, never measured (`times` says how): the raw read
+at the measured rate; ready from the run's own timeline, its byte-bound parts stretched by the bytes.
 """
 
 from __future__ import annotations
@@ -53,23 +52,40 @@ def derive(folder: Path, measured: dict[str, Any]) -> dict[str, Any]:
     blocks = measured["blocks"]
     sizes = full_bytes(folder, measured["component_bytes"], {"transformer": blocks, "lightning": blocks,
                                                              "text_encoder": measured["text_layers"]})
-    total, ratio = sum(sizes.values()), sum(sizes.values()) / measured["bytes"]
     precision = "int8" if measured["layout"] == "int8" else "bf16"
-    fixed, fixed_from = measured.get("imports_s"), "the worker's imports_s"
-    if fixed is None:
-        fixed, fixed_from = measured.get("worker_folder_read_1pct_s") or 0.0, "when 1% of the folder was read"
-    ready = fixed + (measured["ready_s"] - fixed) * ratio
     return {
         "derived": True,
-        "how": (f"bytes: the folder's, plus the missing transformer blocks, text-encoder layers (and LoRA blocks) "
-                f"at block 0's bytes in its own headers; raw_read_s at the measured raw_read_gb_s; ready_s = fixed "
-                f"part ({fixed_from}) + the rest x bytes ratio {ratio:.2f}"),
-        "bytes": total, "gb": round(total / 1e9, 2),
+        "bytes": sum(sizes.values()), "gb": round(sum(sizes.values()) / 1e9, 2),
         "component_gb": {name: round(size / 1e9, 3) for name, size in sizes.items()},
         "reference_gb": {"transformer": round(REFERENCE_BYTES["transformer"][precision] / 1e9, 2),
                          "text_encoder": round(REFERENCE_BYTES["text_encoder"][precision] / 1e9, 2),
                          "vae": round(REFERENCE_BYTES["vae"]["bf16"] / 1e9, 3)},
-        "raw_read_s": round(total / (measured["raw_read_gb_s"] * 1e9), 1),
-        "ready_s": round(ready, 1),
-        "ready_over_raw_read": round(ready / (total / (measured["raw_read_gb_s"] * 1e9)), 2),
+        **times(measured, sum(sizes.values())),
     }
+
+
+def times(measured: dict[str, Any], total: int) -> dict[str, Any]:
+    """raw_read_s and ready_s for `total` bytes, from one run's figures (pure; DERIVED).
+
+    The raw read at the run's best rate.  Ready: the fixed part (the worker's imports_s, else the moment 1% of
+    the folder was read) and the read both start at the process's start; the read (1% to 99% of the folder)
+    stretches by the bytes ratio, and what came after both (construction, the LoRA fuse) too.  A worker ready
+    before it had read 99% (tensors still file-backed) gets the plain estimate: fixed + the rest x the ratio.
+    """
+    ratio = total / measured["bytes"]
+    raw = total / (measured["raw_read_gb_s"] * 1e9)
+    ready, start, end = measured["ready_s"], measured.get("worker_folder_read_1pct_s"), measured.get(
+        "worker_folder_read_99pct_s")
+    fixed, fixed_from = measured.get("imports_s"), "the worker's imports_s"
+    if fixed is None:
+        fixed, fixed_from = start or 0.0, "when 1% of the folder was read"
+    if start is None or end is None:
+        derived, how = fixed + (ready - fixed) * ratio, f"{fixed_from} + (ready_s - it) x ratio"
+    else:
+        read_end = start + (end - start) * ratio
+        derived = max(fixed, read_end) + max(0.0, ready - max(fixed, end)) * ratio
+        how = (f"max({fixed_from}, the read's 1%..99% stretched x ratio) + what came after both x ratio")
+    return {"how": f"bytes: the folder's, plus the missing transformer blocks, text-encoder layers (and LoRA blocks) "
+                   f"at block 0's bytes in its own headers; raw_read_s at the measured raw_read_gb_s; ready_s = "
+                   f"{how}; ratio {ratio:.2f}",
+            "raw_read_s": round(raw, 1), "ready_s": round(derived, 1), "ready_over_raw_read": round(derived / raw, 2)}

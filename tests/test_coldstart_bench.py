@@ -191,6 +191,20 @@ class TestScaling:
         assert full["vae"] == report["component_bytes"]["vae"]
 
 
+    def test_the_derived_times_follow_the_runs_own_timeline(self) -> None:
+        run = {"bytes": 10**9, "raw_read_gb_s": 1.0, "ready_s": 10.0, "imports_s": 6.0,
+               "worker_folder_read_1pct_s": 1.0, "worker_folder_read_99pct_s": 3.0}
+        same = realscale.times(run, 10**9)
+        assert (same["raw_read_s"], same["ready_s"]) == (1.0, 10.0)  # ratio 1: the run itself
+        # read during the imports: at 5x the bytes the read (1..3 s) ends at 11 s, then the 4 s after both, x5
+        assert realscale.times(run, 5 * 10**9)["ready_s"] == 11.0 + 4.0 * 5
+        assert realscale.times(run, 5 * 10**9)["raw_read_s"] == 5.0
+        serial = {**run, "imports_s": None, "worker_folder_read_1pct_s": 4.0, "worker_folder_read_99pct_s": 9.0}
+        assert realscale.times(serial, 5 * 10**9)["ready_s"] == 4.0 + 5 * 5 + 1.0 * 5  # 4 s before reading
+        unread = {**run, "worker_folder_read_99pct_s": None}  # ready before the last bytes were read
+        assert realscale.times(unread, 5 * 10**9)["ready_s"] == 6.0 + 4.0 * 5
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
