@@ -158,14 +158,13 @@ def test_running_out_of_gpu_memory_while_fusing_stays_unforeseen(error: Exceptio
     """torch raises these as RuntimeError, the type a bad file raises too: they must not be called the file's (or
     MODEL_PATH's) fault, so the job is answered with the load's error and RunPod asked to replace the worker, on
     both paths."""
-    from qwen_edit_worker.model import by_block
+    from qwen_edit_worker.weights import lightning
 
     def fails(*args: Any, **kwargs: Any) -> None:
         raise error
 
     lora = write(tmp_path / "fine.safetensors", tiny.lora_state_dict())
-    for where, name in ((by_block, "_fuse"), (tiny_pipe_class(), "load_lora_weights")):
-        monkeypatch.setattr(where, name, fails)
+    monkeypatch.setattr(lightning, "fuse_pairs", fails)  # the fuse both paths share
     for env in paths.values():
         worker = Worker({**env(lora), "WARMUP": "1", "MODEL_VARIANT": "edit-2511"})
         worker.start()
@@ -173,11 +172,3 @@ def test_running_out_of_gpu_memory_while_fusing_stays_unforeseen(error: Exceptio
         assert worker.model.unforeseen is error
         assert out["refresh_worker"] is True
         assert out["error"].startswith(f"model: loading failed ({type(error).__name__}")
-
-
-def tiny_pipe_class() -> Any:
-    import diffusers
-
-    from qwen_edit_worker.weights.variants import VARIANTS
-
-    return getattr(diffusers, VARIANTS["edit-2511"].pipeline_class)

@@ -4,8 +4,8 @@ Why this exists: a bf16 bake (the Hub's default build) holds a 40.9 GB transform
 whole puts all 40.9 GB in host memory, and it does not fit a 24 GB GPU to be quantised there.
 Here the model is built empty (accelerate's meta device), and each block in turn (a transformer
 block, or a top-level layer) is read from the safetensors files through their memory map, moved
-to `device`, has the Lightning LoRA fused into its linear layers (W += B @ A, the LoRA's alpha
-folded in by diffusers' own key conversion: the same delta `fuse_lora` adds), is quantised there
+to `device`, has the Lightning LoRA fused into its linear layers (weights/lightning.py fuse_pairs:
+W += B @ A, the same fuse the whole-model load makes), is quantised there
 with the torchao configuration of weights/precision.py, and is left on `home` (the GPU when the
 plan keeps the transformer resident).  Host memory holds one tensor at a time beyond the page
 cache; the GPU one block of bf16 beyond what is already resident.  On a CPU the same path runs
@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ModelLoadError
-from ..weights import lightning_file, precision
+from ..weights import lightning, lightning_file, precision
 
 log = logging.getLogger(__name__)
 BLOCK = re.compile(r"^(transformer_blocks\.\d+)\.")
@@ -68,7 +68,7 @@ def load_transformer(folder: Path, transformer_class: Any, dtype: Any, device: s
             value = stored[name].get_tensor(name).to(device=device, dtype=dtype)  # one tensor through the map
             set_module_tensor_to_device(model, name, device, value=value, dtype=dtype)  # meta params are float32
         members = {fqn for fqn in linears if block_of(f"{fqn}.weight") == block}
-        fused += _fuse(model, members, pairs)
+        fused += lightning.fuse_pairs(model, pairs, members)
         if config is not None:
             quantize_(model, config, filter_fn=lambda m, fqn, members=members: fqn in members)
         if home != device:
@@ -79,17 +79,3 @@ def load_transformer(folder: Path, transformer_class: Any, dtype: Any, device: s
     log.info("transformer read %s in %.1f s (%d blocks, LoRA fused into %d layers, quantised to %s, kept on %s)",
              where, seconds, len(blocks), fused, quantise_to or "-", home)
     return model, {"where": where, "blocks": len(blocks), "seconds": round(seconds, 2), "lora_layers": fused}
-
-
-def _fuse(model: Any, members: set[str], pairs: dict[str, tuple[Any, Any]]) -> int:
-    """Add the LoRA's B @ A to each linear of the block it names (shapes checked); the number of layers changed."""
-    import torch
-
-    changed = 0
-    for fqn in members & pairs.keys():
-        down, up = pairs[fqn]
-        weight = model.get_submodule(fqn).weight
-        with torch.no_grad():
-            weight += (up.to(weight.device, weight.dtype) @ down.to(weight.device, weight.dtype))
-        changed += 1
-    return changed

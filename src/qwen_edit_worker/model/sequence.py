@@ -168,14 +168,17 @@ def transformer_stage(how: LoadPlan, pipe: Any) -> tuple[int, str | None, dict[s
 
 
 def read_transformer(how: LoadPlan) -> Any:
-    """The transformer as stored, where the pipeline would put it (straight onto the device when all fits)."""
+    """The transformer as stored, straight onto the GPU when it fits there alone (it is fused there, and stays
+    or goes where the plan keeps it): no whole copy in host memory on the way; else where from_pretrained puts
+    it."""
     import diffusers
 
     assert how.source is not None
     folder = how.source.path / "transformer"
+    device_map = how.device if how.cuda and how.transformer_fits else how.device_map
     try:
         return diffusers.QwenImageTransformer2DModel.from_pretrained(str(folder), dtype=how.dtype,
-                                                                     device_map=how.device_map, local_files_only=True)
+                                                                     device_map=device_map, local_files_only=True)
     except LOAD_ERRORS as err:
         if lightning_file.machine_fault(err):
             raise  # out of GPU memory, a CUDA error: this machine's (serving/worker.py), not the folder's fault
