@@ -45,7 +45,8 @@ def load_model(settings: Settings, events: LoadEvents | None = None) -> LoadedMo
     events = events or LoadEvents()
     os.environ["HF_HUB_OFFLINE"] = "1"
     started = time.perf_counter()
-    import diffusers  # noqa: F401 (torch, diffusers and transformers: the imports a load waits for)
+    import diffusers  # noqa: F401 (torch, diffusers, transformers and torchao: the imports a load waits for)
+    import torchao  # noqa: F401
     import transformers  # noqa: F401
 
     timeline = {"imports_s": process_seconds()}
