@@ -14,9 +14,14 @@ figure must say where it came from.  Sources, November 2026:
   The FLOPs are the real graph's (real_graph_flops.json, written by the worker's harness:
   `python -m qwen_edit_worker.placement.flopstable ...`; this client reads the file and
   never imports torch).  Classes without a figure take --exec or a log's times;
-- cold start: without FlashBoot, container start plus reading ~58 GB of weights at ~2 GB/s
-  (docs/deploy.md: ~30-40 s; 40 s is used); with FlashBoot, RunPod restores a recent snapshot
-  in seconds (5 s assumed, not measured).  Both are options (--cold-start, --flashboot-cold-start).
+- cold start: without FlashBoot, `cold_start_s(bake)`: the container's start (CONTAINER_START_S,
+  assumed) plus the bake's bytes (IMAGE_BYTES: the real configs counted, docs/benchmarks.md "Bytes
+  that decide cold start") read at a local NVMe's rate (NVME_BYTES_PER_S, assumed), times
+  READY_OVER_READ, MEASURED at real shape (bench/coldstart --real-shape on a 2-core VM, 2026-12-03:
+  the worker ready within 1.12-1.19x of the larger of the raw read and its start without a disk;
+  at the whole model's bytes the read is the larger): bf16 (the Hub's build) ~40 s, a fused int8 or
+  fp8 bake ~23 s.  With FlashBoot, RunPod restores a recent snapshot in seconds (5 s assumed, not
+  measured).  Both are options (--bake, --cold-start, --flashboot-cold-start).
 """
 
 from __future__ import annotations
@@ -28,8 +33,21 @@ from pathlib import Path
 from typing import Any
 
 DEFAULT_ACTIVE_DISCOUNT = 0.20
-COLD_START_S = 40.0
+CONTAINER_START_S = 5.0  # assumed: the container and Python up before the worker's own start
+NVME_BYTES_PER_S = 2e9  # assumed: a local NVMe's sequential read
+READY_OVER_READ = 1.2  # measured (docs/benchmarks.md, cold start at real shape): ready over the raw read, at most
+# Weights a bake reads at start (docs/benchmarks.md "Bytes that decide cold start"; bf16 with its Lightning file).
+IMAGE_BYTES = {"bf16": 57.70e9 + 1.18e9, "int8": 30.24e9, "fp8": 30.23e9}
+BAKES = tuple(IMAGE_BYTES)
 FLASHBOOT_COLD_START_S = 5.0
+
+
+def cold_start_s(bake: str = "bf16") -> float:
+    """A cold start without FlashBoot for an image baked `bake` (DERIVED: see the module's docstring)."""
+    return round(CONTAINER_START_S + READY_OVER_READ * IMAGE_BYTES[bake] / NVME_BYTES_PER_S, 1)
+
+
+COLD_START_S = cold_start_s("bf16")
 BENCHMARKS = "docs/benchmarks.md"
 FLOPS_FILE = Path(__file__).with_name("real_graph_flops.json")
 

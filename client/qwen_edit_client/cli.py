@@ -109,8 +109,12 @@ def add_plan(commands: Any) -> None:
     p.add_argument("--active-workers", type=listed(int, "--active-workers"), help="active workers (default 0)")
     p.add_argument("--idle-timeout", type=listed(float, "--idle-timeout"), help="idle timeout, s (default 5)")
     p.add_argument("--flashboot", type=listed(on_off, "--flashboot"), help="on, off or on,off (default on)")
-    p.add_argument("--cold-start", type=float, default=catalog.COLD_START_S,
-                   help=f"cold start without FlashBoot, s (default {catalog.COLD_START_S:g})")
+    p.add_argument("--bake", choices=catalog.BAKES, default="bf16",
+                   help="how the image was baked (its bytes decide --cold-start's default): bf16 (the Hub's "
+                   "build), or fused int8/fp8 (default bf16)")
+    p.add_argument("--cold-start", type=float,
+                   help="cold start without FlashBoot, s (default derived for --bake: "
+                   + ", ".join(f"{b} {catalog.cold_start_s(b):g}" for b in catalog.BAKES) + ")")
     p.add_argument("--flashboot-cold-start", type=float, default=catalog.FLASHBOOT_COLD_START_S,
                    help=f"cold start with FlashBoot, s (default {catalog.FLASHBOOT_COLD_START_S:g})")
     p.add_argument("--concurrency", type=int, default=1, help="jobs at once per worker (default 1)")
@@ -194,7 +198,9 @@ def run_plan(args: argparse.Namespace) -> int:
     grid = plan.Grid(gpus, pick(args.max_workers, plan.DEFAULT_GRID["max_workers"], [3]),
                      pick(args.active_workers, plan.DEFAULT_GRID["active_workers"], [0]),
                      pick(args.idle_timeout, plan.DEFAULT_GRID["idle_timeout_s"], [5.0]),
-                     args.flashboot or [True], args.concurrency, args.cold_start, args.flashboot_cold_start,
+                     args.flashboot or [True], args.concurrency,
+                     args.cold_start if args.cold_start is not None else catalog.cold_start_s(args.bake),
+                     args.flashboot_cold_start,
                      args.price, args.active_discount, args.window)
     results = plan.run_plan(arrivals, execution, grid)
     chosen = plan.recommend(results, args.p95)
