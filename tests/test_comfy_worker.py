@@ -12,20 +12,17 @@ import io
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import boto3
 import numpy as np
 import pytest
 import requests
 from PIL import Image
 
-from api_server import free_port
 from comfy_fixtures import EDIT, EDIT_2511, INFLATION, INT8_2511, PLUS_2509, RELIGHT, VARIANT, comfy_job, template, tiny
 from conftest import tiny_env
 from lora_files import FileServer, Route, lora_bytes
 from qwen_edit_worker import comfy
 from qwen_edit_worker.serving.worker import Worker
-
-KEY_ID, SECRET = "AKIACOMFYTEST0001", "comfy/Secret+Key"
+from test_outputs import bucket_env, client, s3  # noqa: F401 (s3: the loopback S3 server fixture)
 
 
 def pixels(item: dict[str, Any]) -> np.ndarray:
@@ -128,37 +125,18 @@ class TestCleanErrorsThroughTheWorker:
                                 "in LORA_DIR (it has: other.safetensors)")
 
 
-@pytest.fixture(scope="module")
-def s3() -> Iterator[str]:
-    from moto.server import ThreadedMotoServer
-
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    url = f"http://127.0.0.1:{port}"
-    bucket_client(url).create_bucket(Bucket="comfy")
-    yield url
-    server.stop()
-
-
-def bucket_client(url: str) -> Any:
-    return boto3.client("s3", endpoint_url=url, aws_access_key_id=KEY_ID, aws_secret_access_key=SECRET,
-                        region_name="us-east-1")
-
-
-def test_with_a_bucket_the_answer_is_s3_urls(s3: str) -> None:
-    env = tiny_env(BUCKET_ENDPOINT_URL=s3, BUCKET_ACCESS_KEY_ID=KEY_ID, BUCKET_SECRET_ACCESS_KEY=SECRET,
-                   BUCKET_NAME="comfy")
-    worker = Worker(env)
+def test_with_a_bucket_the_answer_is_s3_urls(s3: str) -> None:  # noqa: F811 (the loopback S3 server fixture)
+    worker = Worker(bucket_env(s3))
     bad = comfy_job(tiny(template(EDIT_2511)), job_id="rejected")
     bad["input"]["workflow"]["170:169"]["inputs"]["sampler_name"] = "dpmpp_2m"
     assert worker.handle(bad)["error"].startswith("input.workflow.170:169.inputs.sampler_name:")
     out = ok(worker.handle(comfy_job(tiny(template(EDIT_2511)), job_id="job-s3")))
     [item] = out["images"]
     assert item["type"] == "s3_url" and item["filename"] == "Qwen_Edit_2511_00001_.png"
-    assert item["data"].startswith(f"{s3}/comfy/job-s3/Qwen_Edit_2511_00001_.png")
+    assert item["data"].startswith(f"{s3}/edits/job-s3/Qwen_Edit_2511_00001_.png")
     fetched = requests.get(item["data"], timeout=10)
     assert fetched.status_code == 200 and fetched.content[:8] == b"\x89PNG\r\n\x1a\n"
-    keys = [o["Key"] for o in bucket_client(s3).list_objects_v2(Bucket="comfy").get("Contents", [])]
+    listed = client(s3).list_objects_v2(Bucket="edits")  # the server is shared: each job has its own prefix
+    keys = [o["Key"] for o in listed.get("Contents", []) if o["Key"].startswith(("job-s3/", "rejected/"))]
     assert keys == ["job-s3/Qwen_Edit_2511_00001_.png"]  # nothing of the rejected job
     assert comfy.workflow_job({"prompt": "p", "image": "x"}, worker.settings) is None  # type: ignore[arg-type]
