@@ -188,6 +188,20 @@ class TestCommand:
         with Image.open(chart) as img:
             assert img.format == "PNG" and img.size[0] >= 800
 
+    def test_the_cold_start_default_follows_the_bake(self, capsys: pytest.CaptureFixture[str]) -> None:
+        """--bake sets --cold-start's default: the bake's bytes at an NVMe's rate (assumed) x the ready/read ratio
+        measured at real shape, plus the container's start (docs/deploy.md); --cold-start still wins."""
+        used = {}
+        for extra in (["--bake", "int8"], ["--bake", "fp8"], [], ["--bake", "int8", "--cold-start", "60"]):
+            assert main(["plan", "--burst", "2", "--flashboot", "off", "--json", *extra]) == 0
+            [result] = json.loads(capsys.readouterr().out)["results"]
+            used[" ".join(extra)] = result["config"]["cold_start_s"]
+        expected = {b: catalog.CONTAINER_START_S + catalog.READY_OVER_READ * catalog.IMAGE_BYTES[b] / 2e9
+                    for b in catalog.BAKES}
+        assert used["--bake int8"] == pytest.approx(expected["int8"], abs=0.05) == 23.1
+        assert used["--bake fp8"] == used["--bake int8"] and used[""] == pytest.approx(expected["bf16"], abs=0.05)
+        assert used[""] == catalog.COLD_START_S == 40.3 and used["--bake int8 --cold-start 60"] == 60
+
     def test_replayed_log(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
         """Two jobs 100 s apart (2 s and 4 s), one that never reached a worker; 1 worker, idle 5 s,
         FlashBoot cold start 5 s, $0.001/s: 5 + 2 + 5 and 5 + 4 + 5 = 26 s for 2 images."""
