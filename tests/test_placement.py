@@ -46,7 +46,7 @@ def peak(plan: placement.Plan, pair: str, job: JobShape, batch: int) -> int:
     weights = planner.phase_weights(plan.offload, reference_sizes(*PAIRS[pair]))
     return planner.RESERVE_BYTES + max(
         weights["text"] + activations.text_bytes(job, plan.text_encoder_precision),
-        weights["denoise"] + activations.transformer_bytes(job, batch, plan.transformer_precision(), plan.zero_cond_t),
+        weights["denoise"] + activations.transformer_bytes(job, batch, plan.precision, plan.zero_cond_t),
         weights["decode"] + activations.vae_bytes(job, batch, plan.vae_tiled))
 
 
@@ -59,7 +59,7 @@ class TestPlan:
         assert plan.fits and plan.offload == EXPECTED[pair][gpu_gb]
         assert plan.need_bytes <= gpu_gb * GB
         for faster in placement.MODES[:placement.MODES.index(plan.offload)]:  # and nothing faster fits
-            assert placement.need(faster, sizes, precision=plan.transformer_precision(), vae_tiled=plan.vae_tiled,
+            assert placement.need(faster, sizes, precision=plan.precision, vae_tiled=plan.vae_tiled,
                                   text_encoder_precision=plan.text_encoder_precision)[0] > gpu_gb * GB
         assert plan.reason.startswith("fastest that fits")
 

@@ -58,7 +58,7 @@ def fit_job(plan: Plan, job: JobShape, adapter_bytes: int = 0) -> JobFit:
         reduced = with_loras.batch_for(job)
         if batch >= 1 and reduced < 1:  # the job alone fits: the LoRAs are what does not
             spare = min(rooms.text - activations.text_bytes(job, plan.text_encoder_precision),
-                        rooms.denoise - transformer_bytes(job, 1, plan.transformer_precision(), plan.zero_cond_t))
+                        rooms.denoise - transformer_bytes(job, 1, plan.precision, plan.zero_cond_t))
             raise RequestError("input.loras", (
                 f"the request LoRAs (with those this worker keeps loaded) take ~{adapter_bytes / GB:.2f} GB of GPU "
                 f"memory, and beside the weights and this job's activations there is ~{max(spare, 0) / GB:.2f} GB "
@@ -70,7 +70,7 @@ def fit_job(plan: Plan, job: JobShape, adapter_bytes: int = 0) -> JobFit:
     largest = plan.max_megapixels(pictures) or 0.0
     room = plan.rooms.denoise if plan.rooms is not None else 0
     asked = job.output_pixels / MEGAPIXEL
-    needed = transformer_bytes(job, 1, plan.transformer_precision(), plan.zero_cond_t) / GB
+    needed = transformer_bytes(job, 1, plan.precision, plan.zero_cond_t) / GB
     raise RequestError("input.megapixels", (
         f"a {asked:.2f} MP output from {pictures} picture(s) needs ~{needed:.1f} GB of GPU memory "
         f"for one image and this worker has {max(room, 0) / GB:.1f} GB beside its weights"

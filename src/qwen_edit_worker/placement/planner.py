@@ -101,14 +101,6 @@ class Plan:
     text_encoder_precision: str = "bf16"
     zero_cond_t: bool = True  # 2511's per-token gates (the larger activations when the variant is not known)
 
-    @property
-    def quantised(self) -> bool:
-        """Whether the transformer is int8/fp8 (its activation copies counted): derived from `precision`."""
-        return self.precision != "bf16"
-
-    def transformer_precision(self) -> str:
-        return self.precision
-
     def batch_for(self, job: JobShape) -> int:
         """Images of `job` that fit one batch (at most its num_images; 0: not even one). No GPU: all of them."""
         if self.rooms is None:
@@ -116,7 +108,7 @@ class Plan:
         if activations.text_bytes(job, self.text_encoder_precision) > self.rooms.text:
             return 0
         return min(job.num_images, activations.largest_batch(job, self.rooms.denoise, self.rooms.decode,
-                                                             self.transformer_precision(), self.vae_tiled,
+                                                             self.precision, self.vae_tiled,
                                                              self.zero_cond_t))
 
     def peak_bytes(self, job: JobShape, batch: int) -> dict[str, int]:
@@ -126,7 +118,7 @@ class Plan:
         weights = {phase: gpu - RESERVE_BYTES - getattr(rooms, phase) for phase in PHASES}
         return {"text": weights["text"] + activations.text_bytes(job, self.text_encoder_precision) + RESERVE_BYTES,
                 "denoise": weights["denoise"] + RESERVE_BYTES + activations.transformer_bytes(
-                    job, batch, self.transformer_precision(), self.zero_cond_t),
+                    job, batch, self.precision, self.zero_cond_t),
                 "decode": weights["decode"] + RESERVE_BYTES + activations.vae_bytes(job, batch, self.vae_tiled)}
 
     def max_megapixels(self, pictures: int = 1) -> float | None:
@@ -136,7 +128,7 @@ class Plan:
         if activations.text_bytes(JobShape.one_image(1.0, pictures, self.edit_plus),
                                   self.text_encoder_precision) > self.rooms.text:
             return 0.0
-        largest = activations.largest_megapixels(self.rooms.denoise, self.rooms.decode, self.transformer_precision(),
+        largest = activations.largest_megapixels(self.rooms.denoise, self.rooms.decode, self.precision,
                                                  self.vae_tiled, pictures, self.edit_plus, self.zero_cond_t)
         return min(largest, MAX_API_MEGAPIXELS)
 
