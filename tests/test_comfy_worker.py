@@ -100,9 +100,39 @@ class TestSamePixels:
         images = [item["image"] for item in job["input"]["images"]]
         plain = ok(worker("edit-2511").handle({"id": "plain", "input": {
             "prompt": template(EDIT_2511)["170:151"]["inputs"]["prompt"], "images": images, "size": "120*80",
-            "seed": template(EDIT_2511)["170:169"]["inputs"]["seed"] % 2**32, "num_inference_steps": 4}}))
+            "seed": template(EDIT_2511)["170:169"]["inputs"]["seed"], "num_inference_steps": 4}}))
         assert np.array_equal(pixels(graph["images"][0]), pixels({"data": plain["images"][0]["image"]}))
         assert graph["seed"] == plain["seed"]
+
+
+class TestSixtyFourBitSeeds:
+    """What broke before: seeds above 2**32-1 ran mod 2**32 and the answer reported the reduced seed; and torch's
+    CPU generator seeds its state from the low 32 bits only, so seeds 2**32 apart drew the same noise."""
+
+    SEED = 677909188488042  # the seed ComfyUI's own 2511 template ships with
+
+    def test_the_templates_seed_is_run_and_reported(self, worker: Callable[..., Worker]) -> None:
+        assert template(EDIT_2511)["170:169"]["inputs"]["seed"] == self.SEED > 2**32
+        out = ok(worker("edit-2511").handle(comfy_job(tiny(template(EDIT_2511)))))
+        assert out["seed"] == self.SEED and not any("seed" in w for w in out["warnings"])
+
+    def test_seeds_2_to_the_32_apart_give_different_pixels(self, worker: Callable[..., Worker]) -> None:
+        answers = []
+        for seed in (self.SEED, self.SEED + 2**32):
+            workflow = tiny(template(EDIT_2511))
+            workflow["170:169"]["inputs"]["seed"] = seed
+            answers.append(ok(worker("edit-2511").handle(comfy_job(workflow))))
+        assert [a["seed"] for a in answers] == [self.SEED, self.SEED + 2**32]
+        assert not np.array_equal(pixels(answers[0]["images"][0]), pixels(answers[1]["images"][0]))
+
+    def test_the_largest_seed_runs_and_2_to_the_64_is_refused(self, worker: Callable[..., Worker]) -> None:
+        workflow = tiny(template(EDIT_2511))
+        workflow["170:169"]["inputs"]["seed"] = 2**64 - 1
+        assert ok(worker("edit-2511").handle(comfy_job(workflow)))["seed"] == 2**64 - 1
+        workflow["170:169"]["inputs"]["seed"] = 2**64
+        error = worker("edit-2511").handle(comfy_job(workflow))["error"]
+        assert error == ("input.workflow.170:169.inputs.seed: must be from 0 to 18446744073709551615 "
+                         "(got 18446744073709551616)")
 
 
 class TestCleanErrorsThroughTheWorker:

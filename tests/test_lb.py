@@ -91,12 +91,12 @@ class TestEdits:
     def test_one_picture_with_the_openai_sdk(self, client: openai.OpenAI) -> None:
         answer = client.images.edit(image=("in.png", png(), "image/png"), prompt="make it a sunset", size="64x64",
                                     model="Qwen/Qwen-Image-Edit-2511", output_format="webp", output_compression=80,
-                                    extra_body={"seed": 11, "num_inference_steps": 2, "negative_prompt": " "})
+                                    extra_body={"seed": 2**40 + 11, "num_inference_steps": 2, "negative_prompt": " "})
         assert len(answer.data) == 1 and answer.data[0].url is None
         out = decoded(answer.data[0].b64_json or "")
         assert out.format == "WEBP" and out.size == (64, 64)
         extra = answer.model_extra or {}
-        assert answer.size == "64x64" and answer.output_format == "webp" and extra["seed"] == 11
+        assert answer.size == "64x64" and answer.output_format == "webp" and extra["seed"] == 2**40 + 11  # as sent
         assert extra["timing"]["steps"] == 2 and extra["timing"]["gpu_ms"] > 0 and "usd" in extra["cost"]
 
     def test_three_pictures_as_image_array_and_n_2(self, client: openai.OpenAI) -> None:

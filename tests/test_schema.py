@@ -97,16 +97,18 @@ class TestImages:
 
 
 class TestNumbers:
-    @pytest.mark.parametrize("value", [-2, 2**32, "5", 1.5, True, None])
+    @pytest.mark.parametrize("value", [-2, 2**64, "5", 1.5, True, None])
     def test_seed(self, value: Any) -> None:
         if value is None:
             assert parse(seed=None).seed is None
             return
-        rejects("input.seed", "from -1 to 4294967295", seed=value)
+        rejects("input.seed", "from -1 to 18446744073709551615", seed=value)
 
     def test_seed_limits(self) -> None:
+        """What broke before: seeds from 2**32 up were refused here (and reduced mod 2**32 from a workflow)."""
         assert parse(seed=-1).seed is None
-        assert parse(seed=0).seed == 0 and parse(seed=2**32 - 1).seed == 2**32 - 1
+        assert parse(seed=0).seed == 0 and parse(seed=2**64 - 1).seed == 2**64 - 1
+        assert parse(seed=677909188488042).seed == 677909188488042 and parse(seed=2**32).seed == 2**32
         assert parse(seed=5.0).seed == 5  # integral floats are whole numbers
 
     @pytest.mark.parametrize(("field", "bad", "good"), [

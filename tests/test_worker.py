@@ -85,9 +85,12 @@ class TestSeeds:
         replay = ok(worker.handle(small_job(seed=out["seed"])))
         assert np.array_equal(decode_output_image(out["images"][0]), decode_output_image(replay["images"][0]))
 
-    def test_num_images_get_consecutive_seeds(self, worker_for: WorkerFor) -> None:
-        out = ok(worker_for().handle(small_job(seed=2**32 - 1, num_images=3)))
-        assert [i["seed"] for i in out["images"]] == [2**32 - 1, 0, 1]
+    @pytest.mark.parametrize(("seed", "seeds"), [(2**32 - 1, [2**32 - 1, 2**32, 2**32 + 1]),
+                                                 (2**64 - 1, [2**64 - 1, 0, 1])])
+    def test_num_images_get_consecutive_seeds(self, worker_for: WorkerFor, seed: int, seeds: list[int]) -> None:
+        """Across 2**32 the seeds go on (they wrapped to 0 before); only past 2**64-1 do they wrap."""
+        out = ok(worker_for().handle(small_job(seed=seed, num_images=3)))
+        assert out["seed"] == seed and [i["seed"] for i in out["images"]] == seeds
         pixels = [decode_output_image(i) for i in out["images"]]
         assert not np.array_equal(pixels[0], pixels[1]) and not np.array_equal(pixels[1], pixels[2])
 

@@ -18,7 +18,8 @@ from .pictures import sizing
 from .weights.variants import Variant
 
 MAX_PROMPT_CHARS = 2000
-MAX_SEED = 2**32 - 1
+MAX_SEED = 2**64 - 1  # torch's generators take any 64-bit seed; ComfyUI's KSampler the same range
+RANDOM_SEEDS = 2**32  # a random seed (-1, or none) is drawn below this: exact in every JSON reader, JavaScript's too
 OUTPUT_FORMATS = ("png", "jpeg", "webp")
 FIELDS = (
     "prompt", "image", "images", "negative_prompt", "size", "seed", "num_inference_steps",

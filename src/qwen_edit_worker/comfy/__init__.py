@@ -9,8 +9,8 @@ set; it executes nothing) and shapes the answer the same way.  Pure: no torch.
   back into errors, the file names) for worker-comfyui's request, None for this worker's own.
 - `ComfyJob.rename(error)`, `ComfyJob.object_names()`, and `shape(output, job)` for the answer.
 - graph.py (the graph and its checks), nodes.py (the node table), interpret.py (the walk from the
-  output back), files.py (model and LoRA file names), resolution.py (ComfyUI's size and name rules),
-  request.py (the request), answer.py (the answer).
+  output back), deployment.py (what the worker serves), files.py (model and LoRA file names),
+  resolution.py (ComfyUI's size and name rules), request.py (the request), answer.py (the answer).
 """
 
 from .answer import shape

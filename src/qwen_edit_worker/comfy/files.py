@@ -10,14 +10,11 @@ contradicts the worker is an error naming the node input; a ComfyUI-side precisi
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from ..errors import RequestError, describe
+from .deployment import Deployment
 from .graph import Graph, Node
-
-if TYPE_CHECKING:
-    from .interpret import Deployment
 
 PRECISION_TOKENS = ("fp8", "int8", "bf16", "fp16", "fp32")  # as they appear in ComfyUI's file names
 UNET_VARIANTS = (("qwen_image_edit_2511", "edit-2511"), ("qwen_image_edit_2509", "edit-2509"),

@@ -14,8 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..errors import RequestError
-from ..weights.variants import Variant
 from . import files, resolution
+from .deployment import Deployment
 from .graph import Graph, Node
 from .nodes import OUTPUT_CLASSES
 
@@ -23,18 +23,6 @@ SAMPLER, SCHEDULER = "euler", "simple"  # diffusers' FlowMatchEulerDiscreteSched
 LIGHTNING_SHIFT = 3.0  # the Lightning scheduler's exponential time shift, mu = log(3) (facts.md section 3)
 ENCODERS = ("TextEncodeQwenImageEdit", "TextEncodeQwenImageEditPlus")
 SCALERS = ("FluxKontextImageScale", "ImageScaleToTotalPixels")
-
-
-@dataclass(frozen=True)
-class Deployment:
-    """What the worker serves, as far as a graph is checked against it."""
-
-    variant: Variant
-    lightning: bool
-    lightning_names: tuple[str, ...]  # file names of the fused Lightning LoRA (matched in any case)
-    precision: str
-    text_encoder_precision: str
-    lora_dir: bool  # LORA_DIR is set: a bare lora_name may be a file there
 
 
 @dataclass(frozen=True)

@@ -18,11 +18,12 @@ from typing import Any
 
 from ..errors import RequestError, describe
 from ..pictures import images_in, sizing
-from ..schema import FIELDS, MAX_SEED
+from ..schema import FIELDS
 from ..settings import Settings
 from . import files, resolution
+from .deployment import Deployment
 from .graph import Graph, Node
-from .interpret import Deployment, Plan, interpret
+from .interpret import Plan, interpret
 
 COMFY_FIELDS = ("workflow", "images", "comfy_org_api_key")
 IMAGE_FIELDS = ("name", "image")
@@ -96,11 +97,7 @@ def translate(raw: Mapping[str, Any], settings: Settings) -> ComfyJob:
                  for name, (i, _) in sources.items() if name not in used]
     size = sizing.parse_size(out["size"]) if "size" in out else (out["width"], out["height"])
     assert size is not None
-    job = ComfyJob(out, fields, _file_names(plan, size, out.get("num_images", 1)), plan.warnings + warnings)
-    if plan.seed > MAX_SEED:
-        job.warnings.append(f"{plan.sampler.field('seed')}: {plan.seed} is above this worker's 32-bit seeds; used "
-                            f"{out['seed']} ({plan.seed} mod 2**32)")
-    return job
+    return ComfyJob(out, fields, _file_names(plan, size, out.get("num_images", 1)), plan.warnings + warnings)
 
 
 def _images(raw: Any) -> dict[str, tuple[int, str]]:
@@ -146,7 +143,7 @@ def _plain(plan: Plan, sources: dict[str, tuple[int, str]],
         return sources[name]
 
     found = [source(p.load, p.name) for p in plan.pictures]
-    out: dict[str, Any] = {"prompt": plan.prompt[0], "seed": plan.seed % (MAX_SEED + 1),
+    out: dict[str, Any] = {"prompt": plan.prompt[0], "seed": plan.seed,
                            "num_inference_steps": plan.steps, "true_cfg_scale": plan.cfg, "output_format": "png"}
     fields = {"input.prompt": plan.prompt[1], "input.seed": plan.sampler.field("seed"),
               "input.num_inference_steps": plan.sampler.field("steps"),

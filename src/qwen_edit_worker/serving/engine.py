@@ -30,6 +30,7 @@ from PIL import Image
 from ..accounting.timing import StageClock
 from ..model.loaded import LoadedModel
 from .gpu_section import GpuSection
+from .seeds import generator_for
 
 PIPELINE_DEFAULT_AREA = 1024 * 1024
 Memo = dict[tuple[str, ...], Any]  # prompt -> the pipeline's (prompt_embeds, mask) for a job's pictures
@@ -66,7 +67,7 @@ class Editor:
         prompts already encoded for these pictures (serving/early_text.py), used instead of encoding.
         """
         width, height = size
-        generators = [torch.Generator(device="cpu").manual_seed(seed) for seed in seeds]
+        generators = [generator_for(seed) for seed in seeds]  # every bit of a 64-bit seed counts
         use_cfg = true_cfg_scale > 1.0
         per_call = max(1, min(batch or len(seeds), len(seeds)))
         chunks = [generators[i:i + per_call] for i in range(0, len(generators), per_call)]

@@ -22,7 +22,7 @@ from ..errors import RequestError, SettingsError, WorkerError
 from ..loras.service import RequestLoras
 from ..model.loaded import LoadEvents
 from ..pictures import images_in, images_out, sizing, uploads
-from ..schema import MAX_SEED, EditRequest, ModelDefaults, parse_request
+from ..schema import MAX_SEED, RANDOM_SEEDS, EditRequest, ModelDefaults, parse_request
 from ..settings import Settings
 from .gpu_section import GpuSection
 from .lazy import LazyLoad
@@ -158,7 +158,7 @@ class Worker:
         clock.set_sync(editor.sync)
         fit = placement.fit_request(editor.model.placement, size, pictures, request, settings.variant,
                                     self.loras.gpu_bytes(loras) if loras else 0)  # or refuse
-        seed = request.seed if request.seed is not None else secrets.randbelow(MAX_SEED + 1)
+        seed = request.seed if request.seed is not None else secrets.randbelow(RANDOM_SEEDS)
         seeds = [(seed + i) % (MAX_SEED + 1) for i in range(request.num_images)]
 
         def on_step(done: int, total: int) -> None:
