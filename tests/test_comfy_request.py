@@ -118,6 +118,12 @@ class TestOfficialTemplates:
         assert job.input["negative_prompt"] == " "  # ComfyUI encodes its empty negative; diffusers needs one
         assert any("base-model scheduler" in w for w in job.warnings)
 
+    def test_2511_as_exported_runs_its_own_seed(self) -> None:
+        """Not even resized: the seed ComfyUI's template ships with (above 2**32) is the job's, no warning."""
+        job = comfy.workflow_job(comfy_job(template(EDIT_2511))["input"], settings(LIGHTNING="0"))
+        assert job is not None and job.input["seed"] == 677909188488042
+        assert not any("seed" in w for w in job.warnings)
+
     def test_file_names_and_warnings(self) -> None:
         job = translate(tiny(template(PLUS_2509)), "edit-2509")
         assert job.filenames == [["Qwen_Image_2509_00001.png"]]  # SaveImageAdvanced: no trailing underscore
