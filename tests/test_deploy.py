@@ -1,81 +1,24 @@
 """`qwen-edit deploy` against a loopback fake of RunPod's REST API v2 that holds every body to RunPod's own
-OpenAPI document (tests/runpod_rest.py), with the smoke job answered by the real tiny worker.
-
-Every run goes through `deploy()`, which checks that the API key appears nowhere in what was printed; the
-fake's teardown checks that no request failed RunPod's schema and no answer of the fake did either.
+OpenAPI document (tests/runpod_rest.py), with the smoke job answered by the real tiny worker: the bodies for
+every class, every option, the plan's choice, what is refused before any request, create, a second identical
+run, an update, and the first job.  Errors: tests/test_deploy_errors.py.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from api_server import free_port
-from qwen_edit_client import deploy_table, runpod_api, smoke
+from deploy_harness import IMAGE, KEY, Ran, api_fixture, per_second, run_fixture, sent  # noqa: F401  (fixtures: api, run)
+from qwen_edit_client import deploy_table
 from qwen_edit_client.cli import main
-from qwen_edit_client.endpoint_settings import changes
-from qwen_edit_worker.serving.worker import Worker
-from runpod_rest import GPUS, FakeRunPodApi, problems
+from runpod_rest import FakeRunPodApi, problems
 
-KEY = "rpa_DEPLOYTESTKEY0123456789abcdef"
-IMAGE = "registry.example/you/qwen-image-edit:2511"
 CREATE = "#/components/schemas/CreateEndpointRequest"
 UPDATE = "#/components/schemas/UpdateEndpointRequest"
-
-
-@dataclass
-class Ran:
-    code: int
-    out: str
-    err: str
-
-    @property
-    def json(self) -> dict[str, Any]:
-        return json.loads(self.out.strip().splitlines()[-1])
-
-    @property
-    def text(self) -> str:
-        return self.out + self.err
-
-
-@pytest.fixture
-def api(worker_for: Callable[..., Worker], monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeRunPodApi]:
-    def worker(env: dict[str, str]) -> Callable[[dict[str, Any]], dict[str, Any]]:
-        settings = {k: v for k, v in env.items() if k != "MODEL_VARIANT"}
-        return worker_for(env.get("MODEL_VARIANT", "edit-2511"), **settings).handle
-
-    monkeypatch.setenv("RUNPOD_API_KEY", KEY)
-    monkeypatch.setattr(runpod_api, "BACKOFF_S", 0.01)
-    monkeypatch.setattr(smoke, "POLL_S", 0.05)
-    with FakeRunPodApi(worker, key=KEY) as fake:
-        monkeypatch.setenv("RUNPOD_API_URL", fake.url)
-        yield fake
-    assert not fake.invalid, fake.invalid  # every body the client sent passed RunPod's schema
-    assert not fake.bad_answers, fake.bad_answers  # and every answer the fake gave did too
-
-
-@pytest.fixture
-def run(capsys: pytest.CaptureFixture[str]) -> Callable[..., Ran]:
-    def deploy(*args: str) -> Ran:
-        code = main(["deploy", *args])
-        captured = capsys.readouterr()
-        ran = Ran(code, captured.out, captured.err)
-        assert KEY not in ran.text  # the key is never printed, on any path
-        return ran
-    return deploy
-
-
-def sent(api: FakeRunPodApi, method: str) -> list[tuple[str, Any]]:
-    return [(path, body) for m, path, body in api.bodies if m == method]
-
-
-def per_second(pools: list[str]) -> dict[str, float]:
-    return {gpu: round(hourly / 3600, 8) for gpu, _, pool, _, hourly in GPUS if pool in pools and hourly}
 
 
 class TestDryRun:
@@ -226,6 +169,7 @@ class TestCreateAndUpdate:
         assert first.json["outcome"] == "create" and endpoint == api.endpoints[endpoint["id"]]
         assert f"endpoint {endpoint['id']} (qwen-image-edit-2511-80gb) created" in first.out
         assert endpoint["requestUrls"]["run"] in first.out and endpoint["requestUrls"]["status"] in first.out
+        assert f"smoke job on {endpoint['id']}: COMPLETED" in first.err  # the progress line, on stderr
         smoked = first.json["smoke"]
         assert smoked["status"] == "COMPLETED" and smoked["timing"]["cold_start"] in (True, False)
         assert (smoked["delayTime"], smoked["executionTime"]) == (1234, 2345)  # RunPod's figures, from the queue
@@ -285,85 +229,3 @@ class TestCreateAndUpdate:
         said = f"2 endpoints are named 'qwen-image-edit-2511-48gb' (ids {ids[0]}, {ids[1]})"
         assert ran.code == 2 and said in ran.err
         assert not sent(api, "POST") and not sent(api, "PATCH")
-
-
-class TestErrors:
-    @pytest.mark.parametrize(("route", "answers", "said"), [
-        ("GET /v2/serverless", [401], "RunPod answered 401 (injected by the test): the API key was refused; check "
-                                      "RUNPOD_API_KEY"),
-        ("POST /v2/serverless", [403], "RunPod answered 403 (injected by the test): the API key lacks this permission"),
-        ("POST /v2/serverless", [400], "creating endpoint 'qwen-image-edit-2511-80gb': RunPod answered 400 (injected "
-                                       "by the test): $.gpu.pools[0]: value must be one of the serverless pools; "
-                                       "nothing was changed"),
-        ("POST /v2/serverless", [422], "RunPod answered 422 (injected by the test): $.gpu.pools[0]: value must be"),
-        ("POST /v2/serverless", [429] * 6, "RunPod answered 429 6 times (injected by the test); try again in a few"),
-        ("POST /v2/serverless", [500], "RunPod answered 500 (injected by the test); try again in a few minutes; the "
-                                       "endpoint may have been created: run the same command again"),
-        ("POST /v2/serverless", ["drop"], "cannot reach"),
-        ("GET /v2/serverless", ["drop"] * 6, "listing your endpoints: cannot reach"),
-    ])
-    def test_one_clear_line(self, api: FakeRunPodApi, run: Callable[..., Ran], route: str, answers: list[int | str],
-                            said: str) -> None:
-        api.inject[route] = list(answers)
-        ran = run("--image", IMAGE, "--gpu-class", "80", "--json")
-        assert ran.code == 2 and said in ran.err, ran.err
-        assert len(ran.err.strip().splitlines()) == 1 and ran.json["error"] in ran.err
-        assert not api.endpoints  # nothing half-made
-        method, path = route.split()
-        tried = [s for m, p, s in api.seen if (m, p) == (method, path)]
-        assert tried == answers[:6] if method == "GET" or answers[0] == 429 else tried == answers[:1]  # no 2nd create
-
-    def test_a_create_that_loses_its_answer_says_what_to_do(self, api: FakeRunPodApi, run: Callable[..., Ran]) -> None:
-        api.inject["POST /v2/serverless"] = ["drop"]
-        ran = run("--image", IMAGE, "--gpu-class", "80")
-        assert "the endpoint may have been created: run the same command again (it finds the endpoint by name" \
-            in ran.err
-
-    def test_429_and_5xx_are_retried(self, api: FakeRunPodApi, run: Callable[..., Ran]) -> None:
-        api.inject = {"GET /v2/catalog/gpus": [429, 503], "GET /v2/serverless": [429], "POST /v2/serverless": [429]}
-        ran = run("--image", IMAGE, "--gpu-class", "80", "--no-smoke")
-        assert ran.code == 0, ran.err
-        assert [s for _, _, s in api.seen] == [429, 503, 200, 429, 200, 429, 201]
-        api.inject = {"PATCH /v2/serverless/{id}": [500, "drop"]}  # the same PATCH again changes nothing twice
-        assert run("--image", IMAGE, "--gpu-class", "80", "--no-smoke", "--max-workers", "2").code == 0
-        assert [s for m, _, s in api.seen if m == "PATCH"] == [500, "drop", 200]
-
-    def test_a_catalog_that_cannot_be_read_leaves_the_workers_table(self, api: FakeRunPodApi,
-                                                                    run: Callable[..., Ran]) -> None:
-        api.inject["GET /v2/catalog/gpus"] = [500] * 6
-        ran = run("--image", IMAGE, "--gpu-class", "80", "--dry-run", "--json")
-        assert ran.code == 0 and "GPU_PRICES" not in ran.json["requests"][-1]["body"]["env"]
-        assert "GPU_PRICES not set (the catalog could not be read: reading the GPU catalog: RunPod answered 500" \
-            in ran.out
-
-    def test_unreachable(self, api: FakeRunPodApi, run: Callable[..., Ran], monkeypatch: pytest.MonkeyPatch) -> None:
-        monkeypatch.setenv("RUNPOD_API_URL", f"http://127.0.0.1:{free_port()}")
-        ran = run("--image", IMAGE, "--gpu-class", "80", "--dry-run")
-        assert ran.code == 2 and "listing your endpoints: cannot reach http://127.0.0.1:" in ran.err
-        assert "check the network, or RUNPOD_API_URL" in ran.err
-
-    def test_a_server_that_echoes_the_key_is_scrubbed(self, api: FakeRunPodApi, run: Callable[..., Ran]) -> None:
-        """What makes the key check able to fail: RunPod's detail, were it to quote the header, is printed."""
-        api.echo_key = True
-        api.inject["POST /v2/serverless"] = [422]
-        ran = run("--image", IMAGE, "--gpu-class", "80", "--json")  # run() asserts the key is not in the output
-        assert ran.code == 2 and "the request carried 'Bearer <RUNPOD_API_KEY>'" in ran.err
-
-
-class TestChanges:
-    WANT = {"name": "n", "type": "QUEUE", "image": "i", "disk": 80, "timeout": 300000, "flashboot": "FLASHBOOT",
-            "scaling": {"type": "QUEUE_DELAY", "queueDelay": 4}, "env": {"A": "1"},
-            "gpu": {"pools": ["AMPERE_80"], "count": 1, "allowedCudaVersions": ["12.8"]},
-            "workers": {"min": 0, "max": 1, "idleTimeout": 1}}
-
-    def test_a_cuda_floor_is_cleared_and_exclusions_are_said(self) -> None:
-        have = json.loads(json.dumps(self.WANT)) | {"id": "x"}
-        have["gpu"] = {"pools": ["ADA_80_PRO"], "count": 1, "allowedCudaVersions": [], "minCudaVersion": "12.1",
-                       "excludedTypes": ["NVIDIA H100 PCIe"]}
-        patch, notes = changes(self.WANT, have)
-        assert patch == {"gpu": {"pools": ["AMPERE_80"], "allowedCudaVersions": ["12.8"], "minCudaVersion": ""}}
-        assert problems(UPDATE, patch) == [] and notes == ["new pools clear the excluded GPU types (NVIDIA H100 PCIe)"]
-
-    def test_the_type_cannot_change(self) -> None:
-        with pytest.raises(ValueError, match="is a LOAD_BALANCER endpoint and RunPod cannot change that to QUEUE"):
-            changes(self.WANT, {**self.WANT, "type": "LOAD_BALANCER", "id": "x"})

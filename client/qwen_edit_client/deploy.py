@@ -122,7 +122,7 @@ class Run:
             self.say(json.dumps(hidden(sent), indent=2))
             self.slim(None, body)
             return 0
-        self.say(f"{action}: {method} {path}")
+        self.say(f"{action}: {method} {path}" + (f" ({', '.join(sent)})" if action == "update" else ""))
         endpoint = self.api.create(sent) if action == "create" else self.api.update(existing["id"], sent)
         self.result["endpoint"] = hidden(endpoint)
         self.say(f"endpoint {endpoint.get('id')} ({endpoint.get('name')}) {action}d")
@@ -177,10 +177,14 @@ class Run:
             if self.args.no_smoke:
                 self.say("no smoke job (--no-smoke)")
             return 0
-        bar = tqdm(total=None, desc=f"smoke job on {endpoint.get('id')}", bar_format="{desc}: {postfix} [{elapsed}]",
-                   file=sys.stderr, postfix="sent")
+        head = f"smoke job on {endpoint.get('id')}"
+        bar = tqdm(total=None, desc=f"{head}: sent", bar_format="{desc} [{elapsed}]", file=sys.stderr)
+
+        def progress(body: dict[str, Any]) -> None:
+            bar.set_description_str(f"{head}: {body.get('status')}")
+
         try:
-            record = smoke.run(endpoint, self.key, lambda body: bar.set_postfix_str(str(body.get("status"))))
+            record = smoke.run(endpoint, self.key, progress)
         finally:
             bar.close()
         self.result["smoke"] = record
