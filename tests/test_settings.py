@@ -51,6 +51,13 @@ class TestParsing:
         assert (s.attention_backend, s.memory_saving, s.log_level) == ("xformers", "on", "DEBUG")
         assert s.lora_path == Path("/l.safetensors") and s.gpu_price_per_second == 0.00116
 
+    def test_gpu_prices(self) -> None:
+        """GPU_PRICES is what `qwen-edit deploy` writes from RunPod's catalog: the catalog's GPU type ids -> USD/s."""
+        s = Settings.from_env({"GPU_PRICES": '{"NVIDIA GeForce RTX 4090": 0.00030556, " NVIDIA L4 ": 1.9e-4}'})
+        assert s.gpu_prices == {"NVIDIA GeForce RTX 4090": 0.00030556, "NVIDIA L4": 0.00019}
+        assert Settings.from_env({}).gpu_prices == {} == Settings.from_env({"GPU_PRICES": "{}"}).gpu_prices
+        assert Settings.from_env({"GPU_PRICES": " "}).gpu_prices == {}
+
 
 class TestErrors:
     @pytest.mark.parametrize(("name", "value", "allowed"), [
@@ -61,6 +68,13 @@ class TestErrors:
         ("WARMUP", "yes please", "must be 1 or 0"),
         ("GPU_PRICE_PER_SECOND", "cheap", "above 0 and below 1"),
         ("GPU_PRICE_PER_SECOND", "-0.1", "above 0 and below 1"),
+        ("GPU_PRICES", "{not json", "JSON object of GPU type name -> USD per second"),
+        ("GPU_PRICES", '["NVIDIA L4", 0.0002]', "JSON object of GPU type name -> USD per second"),
+        ("GPU_PRICES", '{"NVIDIA L4": "0.0002"}', "JSON object of GPU type name -> USD per second"),
+        ("GPU_PRICES", '{"NVIDIA L4": 0.69}', "price per hour / 3600"),  # per hour, not per second
+        ("GPU_PRICES", '{"NVIDIA L4": 0}', "above 0, below 0.1"),
+        ("GPU_PRICES", '{"NVIDIA L4": true}', "JSON object of GPU type name -> USD per second"),
+        ("GPU_PRICES", '{" ": 0.0002}', "JSON object of GPU type name -> USD per second"),
         ("MAX_INPUT_BYTES", "0", "positive whole number"),
         ("LOG_LEVEL", "loud", "DEBUG, INFO, WARNING, ERROR"),
         ("CONCURRENCY", "0", "whole number from 1 to 4"),

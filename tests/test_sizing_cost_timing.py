@@ -48,6 +48,21 @@ class TestCost:
         cost = job_cost(1.5, 1, name, None)
         assert cost["price_source"] == "table" and cost["usd"] == round(1.5 * price, 7) == cost["usd_per_image"]
 
+    def test_gpu_prices_price_this_gpu_before_the_table(self) -> None:
+        """GPU_PRICES (the live catalog, by the catalog's GPU type id) wins over the table; GPU_PRICE_PER_SECOND
+        over both.  An endpoint spans pools of different prices (AMPERE_24 $0.00019/s, ADA_24 $0.00031/s): each
+        GPU finds its own."""
+        prices = {"NVIDIA GeForce RTX 4090": 0.0003, "NVIDIA RTX A5000": 0.0002}
+        cost = job_cost(2.0, 2, "NVIDIA GeForce RTX 4090", None, prices)
+        assert cost == {"gpu": "NVIDIA GeForce RTX 4090", "usd_per_second": 0.0003, "price_source": "gpu_prices",
+                        "seconds": 2.0, "usd": 0.0006, "usd_per_image": 0.0003}
+        assert job_cost(1.0, 1, "nvidia rtx a5000 ", None, prices)["usd_per_second"] == 0.0002  # case, spaces
+        assert job_cost(1.0, 1, "NVIDIA GeForce RTX 4090", 0.001, prices)["price_source"] == "env"
+        table = job_cost(1.0, 1, "NVIDIA L4", None, prices)  # not listed: the built-in table
+        assert table["price_source"] == "table" and table["usd_per_second"] == 0.00019
+        assert job_cost(1.0, 1, "NVIDIA GeForce RTX 40", None, prices)["price_source"] == "unknown"  # whole names
+        assert job_cost(1.0, 1, None, None, prices)["price_source"] == "unknown"  # a CPU: no GPU name
+
     def test_unknown_gpu_and_cpu(self) -> None:
         for name in (None, "Tesla K80"):
             cost = job_cost(3.0, 2, name, None)

@@ -181,6 +181,13 @@ class TestLoading:
         worker = Worker({"MODEL_VARIANT": "edit-9999"})
         assert worker.handle(small_job())["error"].startswith("MODEL_VARIANT: must be one of edit, edit-2509")
 
+    def test_bad_gpu_prices_reach_every_job(self) -> None:
+        """GPU_PRICES is machine-written (`qwen-edit deploy`); a hand-edited one that is not JSON is answered like
+        any bad setting, naming it, instead of stopping the worker."""
+        worker = Worker({"GPU_PRICES": "NVIDIA L4=0.00019"})
+        errors = [worker.handle(small_job())["error"] for _ in range(2)]
+        assert errors[0] == errors[1] and errors[0].startswith("GPU_PRICES: must be a JSON object")
+
     def test_request_errors_come_before_loading(self, tmp_path: Path) -> None:
         worker = Worker({"MODEL_PATH": str(tmp_path), "WARMUP": "0"})
         assert worker.handle(small_job(seed="x"))["error"].startswith("input.seed: ")

@@ -89,6 +89,17 @@ GPU_CLASSES: dict[str, GpuClass] = {g.name: g for g in (
 )}
 
 
+# The serverless GPU pool each class is served from (RunPod's docs, references/gpu-types.mdx, "GPU pools"):
+# `qwen-edit deploy` simulates the classes in the pools it deploys to.  The RTX PRO 6000 and B200 pools are
+# newer than that page; their ids follow RunPod's naming (facts.md section 13).
+POOLS: dict[str, str] = {
+    "a4000": "AMPERE_16", "a5000": "AMPERE_24", "a5000-int8": "AMPERE_24", "4090": "ADA_24", "4090-int8": "ADA_24",
+    "a6000": "AMPERE_48", "a6000-int8": "AMPERE_48", "l40s": "ADA_48_PRO", "l40s-fp8": "ADA_48_PRO",
+    "l40s-int8": "ADA_48_PRO", "a100": "AMPERE_80", "a100-int8": "AMPERE_80", "h100": "ADA_80_PRO",
+    "h100-fp8": "ADA_80_PRO", "rtxpro6000": "BLACKWELL_96", "h200": "HOPPER_141", "b200": "BLACKWELL_180",
+}
+
+
 def gpu_class(name: str) -> GpuClass:
     try:
         return GPU_CLASSES[name.strip().lower()]

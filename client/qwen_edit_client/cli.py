@@ -5,10 +5,14 @@
         [--base-url URL] [--sync] [--price USD_PER_S]
     qwen-edit cost edits/edits.jsonl [--idle-timeout S] [--price USD_PER_S] [--plot FILE.png] [--json]
     qwen-edit plan [LOG...] [--rate N/h | --burst N] [--grid] [--p95 S] [--plot FILE.png] [--json] ...
+    qwen-edit deploy --image REF --gpu-class 24|48|80|141 [--name NAME] [--variant V] [--bake bf16|int8|fp8]
+        [--rate N/h | LOG...] [--p95 S] [--max-workers N] [--idle-timeout S] [--flashboot on|off] [--lb]
+        [--env KEY=VALUE ...] [--api-key-file F] [--no-smoke] [--dry-run] [--json]
 
-The endpoint id comes from --endpoint or RUNPOD_ENDPOINT_ID, the key from RUNPOD_API_KEY (never
-printed, never written).  Exit codes: 0 all done, 1 some jobs failed (edit) or no configuration
-meets --p95 (plan), 2 a usage or endpoint error.
+The endpoint id comes from --endpoint or RUNPOD_ENDPOINT_ID, the key from RUNPOD_API_KEY (deploy:
+or --api-key-file; never printed, never written); deploy talks to RUNPOD_API_URL (default
+https://api.runpod.io).  Exit codes: 0 all done, 1 some jobs failed (edit), no configuration
+meets --p95 (plan, deploy) or the first job failed (deploy), 2 a usage or endpoint error.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from typing import Any, TypeVar
 
 from tqdm import tqdm
 
-from . import catalog, figures, plan, plots
+from . import catalog, deploy, deploy_table, figures, plan, plots
 from .edit import BatchEditor, collect
 from .endpoint import EndpointClient, EndpointError, endpoint_base
 from .report import cost_report, edit_summary, format_edit_summary, format_report, read_logs
@@ -88,6 +92,7 @@ def parser() -> argparse.ArgumentParser:
     cost.add_argument("--plot", type=Path, metavar="FILE.png", help="draw cost and latency per job over time")
     cost.add_argument("--json", action="store_true", help="print the figures as JSON")
     add_plan(commands)
+    add_deploy(commands)
     return top
 
 
@@ -132,14 +137,63 @@ def add_plan(commands: Any) -> None:
     p.add_argument("--json", action="store_true", help="print the results as JSON")
 
 
+def positive(kind: Callable[[str], T], low: T, high: T | None = None) -> Callable[[str], T]:
+    def parse(text: str) -> T:
+        try:
+            number = kind(text)
+        except ValueError:
+            number = None
+        if number is None or number < low or (high is not None and number > high):  # type: ignore[operator]
+            span = f"from {low} to {high}" if high is not None else f"{low} or more"
+            raise argparse.ArgumentTypeError(f"must be a {kind.__name__} {span} (got {text!r})")
+        return number
+    return parse
+
+
+def add_deploy(commands: Any) -> None:
+    d = commands.add_parser("deploy", help="create or update the endpoint through RunPod's REST API, then run one job",
+                            description="Creates the endpoint (or updates the one of that name, changing only what "
+                            "differs) through RunPod's REST API v2 with the GPU class's pools and Hub preset, the "
+                            "plan's cheapest workers, idle timeout and FlashBoot for the traffic, and RunPod's live "
+                            "prices (GPU_PRICES); then sends test_input.json's edit as a first job. Key: "
+                            "RUNPOD_API_KEY or --api-key-file; API: RUNPOD_API_URL (default https://api.runpod.io).")
+    d.add_argument("logs", nargs="*", type=Path, metavar="LOG", help="plan for these edit logs' traffic")
+    d.add_argument("--image", required=True, metavar="REF", help="the worker image, e.g. docker.io/you/qwen-edit:2511")
+    d.add_argument("--gpu-class", required=True, choices=deploy_table.classes(), help="GPU memory class, GB")
+    d.add_argument("--name", help="endpoint name (default qwen-image-<variant>-<class>gb[-lb]); an endpoint of that "
+                   "name is updated")
+    d.add_argument("--variant", choices=list(deploy_table.variants()), help="MODEL_VARIANT (default: the image's, "
+                   f"{deploy_table.table()['default_variant']})")
+    d.add_argument("--bake", choices=catalog.BAKES, default="bf16", help="how the image was baked: bf16 (default, the "
+                   "Hub's), or fused int8/fp8 (sets both precisions, the container disk and the plan's cold start)")
+    d.add_argument("--rate", type=checked(plan.parse_rate), metavar="N/h",
+                   help="traffic for the plan (default: one job every 5 minutes)")
+    d.add_argument("--p95", type=float, metavar="SECONDS", help="the plan's p95 latency target")
+    d.add_argument("--max-workers", type=positive(int, 1), metavar="N", help="replaces the plan's max workers")
+    d.add_argument("--idle-timeout", type=positive(int, 1, 3600), metavar="S",
+                   help="replaces the plan's idle timeout (whole seconds, 1 to 3600)")
+    d.add_argument("--flashboot", type=checked(on_off), metavar="on|off", help="replaces the plan's FlashBoot")
+    d.add_argument("--lb", action="store_true", help="a load-balancing endpoint (ENDPOINT_TYPE=lb) instead of a queue")
+    d.add_argument("--env", action="append", metavar="KEY=VALUE", help="a worker setting, over the preset's (repeat)")
+    d.add_argument("--api-key-file", type=Path, metavar="F", help="read the API key from this file, not RUNPOD_API_KEY")
+    d.add_argument("--no-smoke", action="store_true", help="no first job after a create or an update")
+    d.add_argument("--dry-run", action="store_true", help="print the request bodies; send nothing that changes "
+                   "anything (the catalog and your endpoints are read)")
+    d.add_argument("--json", action="store_true", help="end with one JSON line: requests, endpoint, smoke")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    run = {"edit": run_edit, "cost": run_cost, "plan": run_plan}[args.command]
+    run = {"edit": run_edit, "cost": run_cost, "plan": run_plan, "deploy": run_deploy}[args.command]
     try:
         return run(args)
     except (EndpointError, ValueError, OSError) as err:
         print(f"qwen-edit: {err}", file=sys.stderr)
         return 2
+
+
+def run_deploy(args: argparse.Namespace) -> int:
+    return deploy.Run(args).main()
 
 
 def run_edit(args: argparse.Namespace) -> int:
@@ -179,16 +233,8 @@ def run_plan(args: argparse.Namespace) -> int:
     given = [name for name, value in (("LOG", args.logs), ("--rate", args.rate), ("--burst", args.burst)) if value]
     if len(given) != 1:
         raise ValueError(f"arrivals: give exactly one of LOG files, --rate N/h or --burst N (got {given or 'none'})")
-    if args.logs:
-        arrivals, left_out = plan.from_logs(read_logs(args.logs))
-        said = f"{len(arrivals)} jobs replayed from {len(args.logs)} log(s)" + \
-            (f" ({left_out} records that reached no worker left out)" if left_out else "")
-    elif args.rate:
-        arrivals = plan.poisson(args.rate, args.jobs, args.seed)
-        said = f"{args.jobs} jobs, Poisson at {args.rate:g}/h (seed {args.seed})"
-    else:
-        arrivals = plan.burst(args.burst)
-        said = f"a burst of {args.burst} jobs at once"
+    arrivals, said = plan.arrivals(read_logs(args.logs) if args.logs else None, len(args.logs), args.rate,
+                                   args.jobs, args.seed, args.burst)
     execution = plan.Execution.parse(args.execution, bool(args.logs))
 
     def pick(value: list[T] | None, grid: list[T], single: list[T]) -> list[T]:

@@ -11,6 +11,7 @@ into the Authorization header: never printed or stored.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,6 +51,8 @@ class EndpointClient:
     backoff_s: float = 0.5
     poll_interval_s: float = 0.5
     timeout_s: float = 900.0
+    run_url: str | None = None  # an endpoint's own request URLs (REST API v2 `requestUrls`), else base_url's
+    status_url: str | None = None  # with `{job_id}` where the job's id goes
 
     def __post_init__(self) -> None:
         self.base_url = self.base_url.rstrip("/")
@@ -62,23 +65,28 @@ class EndpointClient:
 
     def submit(self, job: dict[str, Any]) -> str:
         """POST /run; return the job id."""
-        body = self._request("POST", "/run", job)
+        body = self._request("POST", self.run_url or "/run", job)
         if "id" not in body:
-            raise EndpointError(f"{self.base_url}/run answered without a job id: {str(body)[:200]}")
+            url = self.run_url or f"{self.base_url}/run"
+            raise EndpointError(f"{url} answered without a job id: {str(body)[:200]}")
         return str(body["id"])
 
     def status(self, job_id: str) -> dict[str, Any]:
         """GET /status/{id} (RunPod), falling back to POST (the SDK's local server accepts only POST)."""
+        path = self.status_url.replace("{job_id}", job_id) if self.status_url else f"/status/{job_id}"
         try:
-            return self._request("GET", f"/status/{job_id}")
+            return self._request("GET", path)
         except _MethodNotAllowed:
-            return self._request("POST", f"/status/{job_id}")
+            return self._request("POST", path)
 
-    def wait(self, job_id: str) -> dict[str, Any]:
-        """Poll until the job ends (COMPLETED, FAILED, CANCELLED, TIMED_OUT) or timeout_s passes."""
+    def wait(self, job_id: str, on_poll: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+        """Poll until the job ends (COMPLETED, FAILED, CANCELLED, TIMED_OUT) or timeout_s passes; `on_poll` sees
+        each answer (a progress line)."""
         deadline = time.monotonic() + self.timeout_s
         while True:
             body = self.status(job_id)
+            if on_poll is not None:
+                on_poll(body)
             if body.get("status") in FINAL:
                 return body
             if time.monotonic() > deadline:
@@ -87,7 +95,7 @@ class EndpointClient:
             time.sleep(self.poll_interval_s)
 
     def _request(self, method: str, path: str, payload: dict[str, Any] | None = None) -> dict[str, Any]:
-        url = f"{self.base_url}{path}"
+        url = path if path.startswith(("http://", "https://")) else f"{self.base_url}{path}"
         attempts = self.retries + 1
         try:
             response = self._session.request(method, url, json=payload, timeout=(10, 120))

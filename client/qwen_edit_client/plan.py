@@ -23,6 +23,11 @@ from typing import Any
 from . import catalog, figures
 from .simulate import Config, Job, simulate
 
+
+class NoConfiguration(ValueError):
+    """No configuration meets the p95 latency asked for."""
+
+
 DEFAULT_GRID = {"idle_timeout_s": [1.0, 5.0, 15.0, 60.0], "max_workers": [1, 2, 3, 5], "active_workers": [0, 1]}
 
 
@@ -80,6 +85,21 @@ def parse_rate(text: str) -> float:
     if per is None or not value > 0:
         raise ValueError(f"--rate: must be jobs per hour like 120/h (or N/min, N/s), above 0 (got {text!r})")
     return value * per
+
+
+def arrivals(records: Sequence[dict[str, Any]] | None, logs: int, rate_per_hour: float | None, jobs: int, seed: int,
+             burst_jobs: int | None = None) -> tuple[list[Arrival], str]:
+    """The jobs' arrivals from exactly one of: log records (from `logs` files), a Poisson rate, a burst; and a
+    line saying which."""
+    if records is not None:
+        found, left_out = from_logs(records)
+        return found, f"{len(found)} jobs replayed from {logs} log(s)" + \
+            (f" ({left_out} records that reached no worker left out)" if left_out else "")
+    if rate_per_hour is not None:
+        return poisson(rate_per_hour, jobs, seed), f"{jobs} jobs, Poisson at {rate_per_hour:g}/h (seed {seed})"
+    if burst_jobs is None:
+        raise ValueError("arrivals: give LOG files, --rate N/h or --burst N")
+    return burst(burst_jobs), f"a burst of {burst_jobs} jobs at once"
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ and a bad value is a SettingsError naming the setting and what is allowed.
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from collections.abc import Mapping
@@ -52,7 +53,10 @@ SETTINGS: dict[str, tuple[str, str]] = {
     "OFFLOAD": ("auto", "auto (fastest placement that fits this GPU) | none | text_encoder | model | group"),
     "WARMUP": ("1", "1: start loading the model in the background at worker start"),
     "CONCURRENCY": ("2", "jobs a worker holds at once (1 to 4): the next job's pictures load while one is on the GPU"),
-    "GPU_PRICE_PER_SECOND": ("", "USD per second for cost reports; empty: RunPod's price table"),
+    "GPU_PRICE_PER_SECOND": ("", "USD per second for cost reports; empty: GPU_PRICES, else RunPod's price table"),
+    "GPU_PRICES": ("", "JSON object: GPU type as RunPod's catalog names it (its `id`, what the GPU calls itself, "
+                       "e.g. \"NVIDIA GeForce RTX 4090\") -> USD per second; prices this worker's own GPU before "
+                       "the built-in table (`qwen-edit deploy` writes it from RunPod's live catalog)"),
     "MAX_INPUT_BYTES": ("20000000", "largest accepted input image, in bytes"),
     "MAX_INPUT_PIXELS": ("40000000", "largest accepted input image, in pixels"),
     "MAX_RESPONSE_BYTES": ("20000000", "largest base64 response; RunPod refuses results over 20 MB"),
@@ -90,6 +94,8 @@ SETTINGS: dict[str, tuple[str, str]] = {
 # Settings that only the load-balancing front door reads: the Hub template is a queue endpoint (one
 # endpointType per template), so hub.json offers none of them; docs/deploy.md says how to use them.
 LB_SETTINGS = ("ENDPOINT_TYPE", "PORT", "PORT_HEALTH", "LB_MAX_WAITING", "API_KEY")
+# Settings `qwen-edit deploy` writes for the endpoint (a person never types them): the Hub template offers none.
+DEPLOY_SETTINGS = ("GPU_PRICES",)
 RUNPOD_VOLUME = Path("/runpod-volume")
 MAX_MAX_LORAS = 8
 
@@ -112,6 +118,7 @@ class Settings:
     warmup: bool
     concurrency: int
     gpu_price_per_second: float | None
+    gpu_prices: dict[str, float]  # GPU_PRICES: catalog GPU type name -> USD per second ({}: none given)
     max_input_bytes: int
     max_input_pixels: int
     max_response_bytes: int
@@ -171,6 +178,7 @@ class Settings:
             warmup=_flag("WARMUP", raw("WARMUP")),
             concurrency=_int_in("CONCURRENCY", raw("CONCURRENCY"), 1, MAX_CONCURRENCY),
             gpu_price_per_second=_price(raw("GPU_PRICE_PER_SECOND")),
+            gpu_prices=_prices(raw("GPU_PRICES")),
             max_input_bytes=_positive_int("MAX_INPUT_BYTES", raw("MAX_INPUT_BYTES")),
             max_input_pixels=_positive_int("MAX_INPUT_PIXELS", raw("MAX_INPUT_PIXELS")),
             max_response_bytes=_positive_int("MAX_RESPONSE_BYTES", raw("MAX_RESPONSE_BYTES")),
@@ -257,6 +265,25 @@ def _price(value: str) -> float | None:
             "GPU_PRICE_PER_SECOND", f"must be a price in USD per second, above 0 and below 1 (got {value!r})"
         )
     return price
+
+
+def _prices(value: str) -> dict[str, float]:
+    """GPU_PRICES: a JSON object of GPU type name -> USD per second, each above 0 and below 0.1 ($360 an hour: a
+    price per hour, the catalog's unit, is refused rather than billed 3600 times over)."""
+    if not value:
+        return {}
+    try:
+        parsed = json.loads(value)
+    except ValueError:
+        parsed = None
+    good = isinstance(parsed, dict) and all(
+        isinstance(name, str) and name.strip() and isinstance(price, int | float) and not isinstance(price, bool)
+        and 0 < price < 0.1 for name, price in parsed.items())
+    if not good:
+        raise SettingsError("GPU_PRICES", "must be a JSON object of GPU type name -> USD per second (above 0, below "
+                            "0.1: the catalog's price per hour / 3600), like "
+                            f'{{"NVIDIA GeForce RTX 4090": 0.00031}} (got {value[:80]!r})')
+    return {name.strip(): float(price) for name, price in parsed.items()}
 
 
 def _url(name: str, value: str) -> str:

@@ -1,14 +1,20 @@
 """What a job cost: the GPU's price per second times the job's execution seconds.
 
 Why this exists: the people running this worker track cost per image (their goal: well under
-one cent).  The price comes from GPU_PRICE_PER_SECOND when set ("env"), else from RunPod's
-serverless price table keyed by the GPU's name ("table"), else it is unknown (CPU included) and
-the cost fields are null rather than a made-up number.  Pure: no torch.
+one cent).  The price comes from GPU_PRICE_PER_SECOND when set ("env"), else from GPU_PRICES,
+the live catalog prices `qwen-edit deploy` writes for every GPU type the endpoint may land on
+("gpu_prices": one endpoint spans pools of different prices, so one figure cannot be right for
+all), else from RunPod's serverless price table keyed by the GPU's name ("table"), else it is
+unknown (CPU included) and the cost fields are null rather than a made-up number.  GPU_PRICES is
+keyed by the catalog's GPU type `id` (`GET /v2/catalog/gpus`: "NVIDIA GeForce RTX 4090", "NVIDIA
+H100 80GB HBM3"), which is the name the GPU gives itself (torch.cuda.get_device_name); matched
+whole, ignoring case and surrounding spaces.  Pure: no torch.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 
 # RunPod serverless flex prices, USD per second (facts.md section 8, November 2026).  Each name
 # is matched as a whole word in torch.cuda.get_device_name() (so "A40" is not found in
@@ -45,10 +51,22 @@ def table_price(gpu_name: str | None) -> float | None:
     return None
 
 
-def job_cost(seconds: float, images: int, gpu_name: str | None, env_price: float | None) -> dict[str, object]:
+def listed_price(gpu_name: str | None, prices: Mapping[str, float] | None) -> float | None:
+    """This GPU's price in GPU_PRICES (catalog name -> USD per second), or None."""
+    if not gpu_name or not prices:
+        return None
+    wanted = gpu_name.strip().upper()
+    return next((price for name, price in prices.items() if name.strip().upper() == wanted), None)
+
+
+def job_cost(seconds: float, images: int, gpu_name: str | None, env_price: float | None,
+             prices: Mapping[str, float] | None = None) -> dict[str, object]:
     """The job output's `cost` block."""
+    listed = listed_price(gpu_name, prices)
     if env_price is not None:
         price, source = env_price, "env"
+    elif listed is not None:
+        price, source = listed, "gpu_prices"
     else:
         price = table_price(gpu_name)
         source = "table" if price is not None else "unknown"

@@ -6,7 +6,9 @@ request against a plan (batches, or a refusal); `python -m qwen_edit_worker.plac
 plan before deploying (`__main__`); `syncs` counts what would make the host wait for the GPU (a
 test and a command, on fake CUDA; not re-exported); `measure` and `flopstable` are the real-shape
 harness and the FLOP table it writes for the client and the docs (they import torch: not
-re-exported).  The package re-exports the names callers use.
+re-exported); `deploytable` writes what `qwen-edit deploy` needs of this planner, hub.json and the
+settings into the client package (a command: not re-exported).  The package re-exports the names
+callers use.
 """
 
 from .activations import BASE_JOB, JobShape

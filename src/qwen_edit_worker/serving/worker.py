@@ -182,7 +182,8 @@ class Worker:
             images, image_url = _outputs(job_id, pixels, seeds, request, bucket, settings.max_response_bytes,
                                          flags, names)
         timing = timing_report(clock, cold_start=cold, load_seconds=waited, steps=request.num_inference_steps)
-        cost = job_cost(billed_seconds(clock), len(images), model.gpu_name, settings.gpu_price_per_second)
+        cost = job_cost(billed_seconds(clock), len(images), model.gpu_name, settings.gpu_price_per_second,
+                        settings.gpu_prices)
         log.info(
             "job %s done: %d image(s) %dx%d from %d input(s), %d steps, cfg %.1f, seed %d, cold=%s, "
             "stages ms: %s, total %.0f ms, cost %s, nsfw %s, loras %d%s", job_id, len(images), size[0], size[1],
