@@ -4,15 +4,16 @@ Why this exists: the read-ahead (model/readahead.py) is what makes a cold start 
 how fast a disk delivers depends on how many reads are in flight.  One number cannot suit every host: a
 RunPod GPU host gives a container 8-32 cores and an NVMe that needs many reads in flight to reach its rate
 (run:ai's model streamer reads with 16 threads for file systems by default, 47.6 s at 1 thread against 14.3 s
-at 16 for 15 GB on a 1 GB/s volume; fal's FlashPack with 16: facts.md section 13), while on a small host each
-reader's page faults (and the mmap lock they share with the imports running beside them) come out of the
-imports' share.
+at 16 for 15 GB on a 1 GB/s volume; fal's FlashPack with 16: facts.md section 13), while on a small host the
+kernel's work for each reader's page faults (and the process's mmap lock, which the imports running beside
+them also take) can come out of the imports' share.
 The rule, `rule(cpus)`: PER_CPU readers for each CPU the process may use, at most MAX_READERS.
 - PER_CPU (4): measured on this project's 2-core VM (bench/coldstart --real-shape --readers, int8 layout,
-  6.1 GB, docs/benchmarks.md), where 8 readers read the folder 1.33-1.40x as fast as one and 1.14-1.19x as
-  fast as two, with the imports beside them no slower than at one or two; 16 (8 a CPU) read faster again
-  but its imports spread wider (5.3-8.6 s against 5.3-6.6 s at 8), not clear of the shared machine's noise,
-  so the rule stays at the count measured clean.  Below one CPU's worth: 4 (derived, not measured).
+  6.1 GB, four interleaved runs; docs/benchmarks.md): the worker's read-ahead gains up to 4-8 readers (8:
+  1.28-1.40x as fast as one, 1.07-1.33x as fast as two), and the imports beside them were no slower at any
+  count up to 16 than beside one or two (medians within the shared machine's noise).  16 read little faster
+  than 8 (3.7-3.9 s against 3.95-4.6), so nothing measured says more than 4 a CPU pays on a small host, and
+  the rule stays at the counts measured clean.  Below one CPU's worth: 4 (derived, not measured).
 - MAX_READERS (16): the field's default for file systems (run:ai, FlashPack); a GPU host (8-32 cores)
   gets it.  Whether its NVMe gains beyond 16 is not measured here.
 "CPUs the process may use" is the smaller of its affinity (os.sched_getaffinity: the cores it may run on)
