@@ -85,9 +85,8 @@ def measure(folder: Path, blocks: int, layout: str, variant: str, port: int, saf
     paths = pagecache.files(folder)
     total = sum(p.stat().st_size for p in paths)
     disk = disk_limit(paths)
-    settings = {"SAFETY_CHECKER": safety}
-    if layout == "int8":  # as the int8 image sets them (Dockerfile: the run-time settings default to the bake)
-        settings |= {"PRECISION": "int8", "TEXT_ENCODER_PRECISION": "int8"}
+    settings = worker_settings(layout, safety)
+    package = coldworker.package(coldworker.environment(folder, variant, settings))
     workers = [start_worker(folder, variant, port, settings, paths, total) for _ in range(runs)]
     worker = sorted(workers, key=lambda w: w["ready_s"])[(runs - 1) // 2]
     timeline = worker["timeline"]
@@ -108,7 +107,7 @@ def measure(folder: Path, blocks: int, layout: str, variant: str, port: int, saf
         "ready_over_larger_limit": round(worker["ready_s"] / floor, 2),
         "resident_before_worker": worker["resident_before"],
         "mem_available_gb_before_worker": worker["mem_available_gb_before"],
-        "worker_settings": settings, "worker_device": "cuda" if gpu() else "cpu",
+        "worker_settings": settings, "worker_package": package, "worker_device": "cuda" if gpu() else "cpu",
         "safety_checker": f"{safety}: real-shaped ViT-base (Falconsai's config), float32 as its file, loaded"
                           if safety != "off" else "off: not loaded",
         **{f"worker_{k}": v for k, v in (timeline or {}).items()},
@@ -124,6 +123,15 @@ def measure(folder: Path, blocks: int, layout: str, variant: str, port: int, saf
     result["at_60_blocks_derived"] = realscale.derive(folder, result)
     del result["component_bytes"]
     return result
+
+
+def worker_settings(layout: str, safety: str) -> dict[str, str]:
+    """The worker's settings for a folder of `layout`: as the image that bakes it sets them (Dockerfile: the
+    run-time precisions default to the bake)."""
+    settings = {"SAFETY_CHECKER": safety}
+    if layout == "int8":
+        settings |= {"PRECISION": "int8", "TEXT_ENCODER_PRECISION": "int8"}
+    return settings
 
 
 def start_worker(folder: Path, variant: str, port: int, settings: dict[str, str], paths: list[Path],

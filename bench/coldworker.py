@@ -130,11 +130,30 @@ def component_residency(folder: Path, paths: Sequence[Path]) -> dict[str, int]:
     return out
 
 
+def environment(folder: Path, variant: str, settings: Mapping[str, str]) -> dict[str, str]:
+    """The worker's environment: this checkout's src/ first on PYTHONPATH, so the code measured is the code here
+    (an editable install of another checkout would win otherwise)."""
+    path = os.pathsep.join(p for p in (str(benchlib.ROOT / "src"), os.environ.get("PYTHONPATH", "")) if p)
+    return {"MODEL_PATH": str(folder), "MODEL_VARIANT": variant, "WARMUP": "1", "LOG_LEVEL": "INFO",
+            "PYTHONUNBUFFERED": "1", "PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": path,
+            **QUIET_ENV, **settings}
+
+
+def package(env: Mapping[str, str]) -> str:
+    """Where a worker started with `env` imports qwen_edit_worker from (the same interpreter, folder and
+    PYTHONPATH as handler.py); SystemExit when it is not this checkout's src/."""
+    out = subprocess.run([sys.executable, "-c", "import qwen_edit_worker; print(qwen_edit_worker.__file__)"],
+                         cwd=benchlib.ROOT, env=dict(env), capture_output=True, text=True, timeout=120)
+    found = out.stdout.strip()
+    if out.returncode != 0 or not Path(found).resolve().is_relative_to((benchlib.ROOT / "src").resolve()):
+        raise SystemExit(f"the worker would not run this checkout's code: it imports {found or out.stderr[-500:]}")
+    return found
+
+
 def run(folder: Path, variant: str, port: int, settings: Mapping[str, str], paths: Sequence[Path],
         timeout_s: float = 3600) -> dict[str, Any]:
     """Start the worker on `folder`, wait for "model ready", stop it; the measurements."""
-    env = {"MODEL_PATH": str(folder), "MODEL_VARIANT": variant, "WARMUP": "1", "LOG_LEVEL": "INFO",
-           "PYTHONUNBUFFERED": "1", "PATH": os.environ.get("PATH", "/usr/bin:/bin"), **QUIET_ENV, **settings}
+    env = environment(folder, variant, settings)
     lines: list[tuple[float, str]] = []
     progress: list[tuple[float, str]] = []
     ready_at: list[float] = []

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from .errors import SettingsError
+from .model.readers import MAX_READERS, PER_CPU
 from .safety.policy import DEFAULT_MODE as SAFETY_DEFAULT
 from .safety.policy import MODES as SAFETY_MODES
 from .safety.tiny import parse_flags
@@ -66,6 +67,8 @@ SETTINGS: dict[str, tuple[str, str]] = {
     "BUCKET_SECRET_ACCESS_KEY": ("", "the bucket's secret key (never logged)"),
     "BUCKET_NAME": ("", "bucket to upload to; empty: RunPod's default, named by month (MM-YY)"),
     "LOG_LEVEL": ("INFO", "DEBUG | INFO | WARNING | ERROR"),
+    "READAHEAD_READERS": ("auto", "readers bringing the weights into the page cache from the load's first moment: auto "
+                                  f"({PER_CPU} a CPU this process may use, at most {MAX_READERS}) | 1 to 64"),
     # The safety checker (src/qwen_edit_worker/safety/).
     "SAFETY_CHECKER": (SAFETY_DEFAULT, "off (nothing loaded or baked) | request (input.enable_safety_checker decides, "
                                        "default true) | always (every picture checked; a caller's false is refused); "
@@ -96,6 +99,10 @@ SETTINGS: dict[str, tuple[str, str]] = {
 LB_SETTINGS = ("ENDPOINT_TYPE", "PORT", "PORT_HEALTH", "LB_MAX_WAITING", "API_KEY")
 # Settings `qwen-edit deploy` writes for the endpoint (a person never types them): the Hub template offers none.
 DEPLOY_SETTINGS = ("GPU_PRICES",)
+# Tuning for a host, not a choice a deployer makes: the default is measured for the host at start
+# (model/readers.py), so the Hub's form leaves it out; the endpoint's environment can still set it.
+HOST_TUNING = ("READAHEAD_READERS",)
+MAX_READAHEAD_READERS = 64
 RUNPOD_VOLUME = Path("/runpod-volume")
 MAX_MAX_LORAS = 8
 
@@ -128,6 +135,7 @@ class Settings:
     bucket_secret_access_key: str = field(repr=False)
     bucket_name: str
     log_level: str
+    readahead_readers: int | None  # None: chosen from the host at start (model/readers.py)
     safety_checker: str
     tiny_safety_flags: str | frozenset[int]
     max_loras: int
@@ -188,6 +196,7 @@ class Settings:
             bucket_secret_access_key=raw("BUCKET_SECRET_ACCESS_KEY"),
             bucket_name=raw("BUCKET_NAME"),
             log_level=_choice("LOG_LEVEL", raw("LOG_LEVEL").upper(), LOG_LEVELS),
+            readahead_readers=_readers(raw("READAHEAD_READERS")),
             safety_checker=_choice("SAFETY_CHECKER", raw("SAFETY_CHECKER").lower(), SAFETY_MODES),
             tiny_safety_flags=parse_flags(raw("TINY_SAFETY_FLAGS")),
             max_loras=_int_in("MAX_LORAS", raw("MAX_LORAS"), 0, MAX_MAX_LORAS),
@@ -299,6 +308,20 @@ def _int_in(name: str, value: str, low: int, high: int) -> int:
         number = low - 1
     if not low <= number <= high:
         raise SettingsError(name, f"must be a whole number from {low} to {high} (got {value!r})")
+    return number
+
+
+def _readers(value: str) -> int | None:
+    """READAHEAD_READERS: None for auto (the host decides), else a count from 1 to MAX_READAHEAD_READERS."""
+    if value.lower() == "auto":
+        return None
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if not 1 <= number <= MAX_READAHEAD_READERS:
+        raise SettingsError("READAHEAD_READERS", f"must be auto ({PER_CPU} readers a CPU, at most {MAX_READERS}) "
+                            f"or a whole number from 1 to {MAX_READAHEAD_READERS} (got {value!r})")
     return number
 
 

@@ -9,19 +9,18 @@ loader's own copy out of the cache is the copy it makes anyway).
 - Order: the order the load sequence consumes the folders (model/sequence.py: the text stage,
   then the transformer and the Lightning LoRA, then the safety checker), each folder's
   safetensors files in name order, read in chunks handed out front first.
-- Parallel: THREADS readers, each a chunk at a time, brought into the cache with MADV_POPULATE_READ
+- Parallel: several readers, each a chunk at a time, brought into the cache with MADV_POPULATE_READ
   on a mapping of the chunk (no copy out of the cache, and little CPU: the imports beside it need
   the CPU), or read into a buffer where the kernel lacks it; either releases the GIL, so the imports
-  run meanwhile.  Two readers: on this 2-core machine (6.1 GB, warm libraries) one reader took
-  4.4-4.9 s, two 3.8-3.9 s, with the imports beside them 5.0-6.0 s either way (4.6-5.0 s alone);
-  four made the imports 6.9-8.1 s (bench/coldstart measures the disk with 1, 2 and 4 readers).
+  run meanwhile.  How many is the host's (model/readers.py: 4 a CPU the process may use, at most 16,
+  or READAHEAD_READERS), and the line that starts the read-ahead says how many and why.
 - Bounded: never more than `window` bytes ahead of what the load has consumed (half the memory
   the host has available when it starts, at least MIN_WINDOW), so a host smaller than the model
   does not evict the front before the loader reaches it; the load tells what it has consumed
   (`release`), and files whose contents went to the GPU leave the page cache then
   (POSIX_FADV_DONTNEED), giving the host's memory back for the rest.
 Pure: no torch.  A file it cannot read is skipped (the loader then reads it itself and names
-the error); nothing here can fail a load.
+the error); nothing here can fail a load (a read-ahead that cannot start logs why and the load goes on).
 """
 
 from __future__ import annotations
@@ -36,10 +35,9 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from ..settings import Settings
-from . import sources
+from . import readers, sources
 
 log = logging.getLogger(__name__)
-THREADS = 2
 CHUNK_BYTES = 64 * 1024**2
 BUFFER_BYTES = 8 * 1024**2
 MIN_WINDOW = 2 * 1024**3
@@ -51,10 +49,11 @@ LOAD_ORDER = ("text_encoder", "vae", "tokenizer", "processor", "scheduler", "tra
 class ReadAhead:
     """Readers going through `files` in order, at most `window` bytes ahead of what was released."""
 
-    def __init__(self, files: list[tuple[str, Path]], window: int, threads: int = THREADS) -> None:
+    def __init__(self, files: list[tuple[str, Path]], window: int, threads: int, chosen: str = "") -> None:
         self.files = [(group, path, path.stat().st_size) for group, path in files]
         self.window = window
         self.threads = threads
+        self.chosen = chosen  # where the count came from (model/readers.py), for the log
         self.total = sum(size for _, _, size in self.files)
         self.read_bytes = 0
         self.seconds: float | None = None  # until every chunk was read (None while reading)
@@ -71,10 +70,14 @@ class ReadAhead:
     def start(self) -> ReadAhead:
         self._started = time.perf_counter()
         self._running = self.threads
-        for index in range(self.threads):
-            threading.Thread(target=self._read, name=f"read-ahead-{index}", daemon=True).start()
-        log.info("read-ahead: %d files, %.1f GB, %d readers, window %.1f GB", len(self.files), self.total / 1e9,
-                 self.threads, self.window / 1e9)
+        try:
+            for index in range(self.threads):
+                threading.Thread(target=self._read, name=f"read-ahead-{index}", daemon=True).start()
+        except RuntimeError:  # no thread left to start: those that did leave, and the caller goes without
+            self.stop()
+            raise
+        log.info("read-ahead: %d files, %.1f GB, %d readers (%s), window %.1f GB", len(self.files),
+                 self.total / 1e9, self.threads, self.chosen or "as given", self.window / 1e9)
         return self
 
     def release(self, groups: Iterable[str], device: str) -> None:
@@ -107,12 +110,11 @@ class ReadAhead:
                 self._lock.wait(0.5)
 
     def _read(self) -> None:
-        buffer = bytearray(BUFFER_BYTES)
-        view = memoryview(buffer)
+        buffer: list[memoryview] = []  # made only where MADV_POPULATE_READ is refused (16 readers: 128 MB)
         try:
             while (chunk := self._take()) is not None:
                 path, offset, length = chunk
-                done = _read_range(path, offset, length, view)
+                done = _read_range(path, offset, length, buffer)
                 with self._lock:
                     self.read_bytes += done
         finally:
@@ -134,14 +136,15 @@ def _chunked(files: list[tuple[str, Path, int]]) -> Iterable[tuple[Path, int, in
         position += size
 
 
-def _read_range(path: Path, offset: int, length: int, view: memoryview) -> int:
+def _read_range(path: Path, offset: int, length: int, buffer: list[memoryview]) -> int:
     """Bring `length` bytes of `path` from `offset` into the page cache; the bytes brought in.
 
     MADV_POPULATE_READ (Linux 5.14+) on a mapping of the range reads it into the cache without copying it out
     (measured here on 6.1 GB: 3.6 s and 0.1 s of CPU, against 5-7 s and 4-10 s of kernel CPU for reads into a
     buffer, CPU the imports running beside it need), called through ctypes, which lets go of the GIL for the
     call (Python's own mmap.madvise holds it, and would stop the imports while each chunk is read); where the
-    kernel lacks it, buffered reads through `view` (os.preadv lets go of the GIL too).
+    kernel lacks it, buffered reads through the reader's buffer (made on first need, kept in `buffer`;
+    os.preadv lets go of the GIL too).
     """
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -150,6 +153,9 @@ def _read_range(path: Path, offset: int, length: int, view: memoryview) -> int:
     try:
         if _populate(fd, offset, length):
             return length
+        if not buffer:
+            buffer.append(memoryview(bytearray(BUFFER_BYTES)))
+        view = buffer[0]
         done = 0
         while done < length:
             got = os.preadv(fd, [view[:min(len(view), length - done)]], offset + done)
@@ -239,9 +245,15 @@ def available_bytes() -> int:
     return 0
 
 
-def start_for(settings: Settings, threads: int = THREADS) -> ReadAhead | None:
-    """Start reading what the load of `settings` will read; None when there is nothing to read."""
+def start_for(settings: Settings) -> ReadAhead | None:
+    """Start reading what the load of `settings` will read, with the host's reader count (or READAHEAD_READERS);
+    None when there is nothing to read, or when the read-ahead cannot start (logged: the load reads for itself)."""
     files = load_order(settings)
     if not files:
         return None
-    return ReadAhead(files, max(MIN_WINDOW, available_bytes() // 2), threads).start()
+    count = readers.choose(settings.readahead_readers)
+    try:
+        return ReadAhead(files, max(MIN_WINDOW, available_bytes() // 2), count.count, count.source).start()
+    except (OSError, RuntimeError) as err:  # a file gone since it was listed; no thread could be started
+        log.warning("read-ahead not started (%s: %s); the load reads the weights itself", type(err).__name__, err)
+        return None
