@@ -242,7 +242,7 @@ class TestHub:
         offered = {item["key"] for item in HUB["config"]["env"]}
         offered |= {key for preset in HUB["config"]["presets"] for key in preset["defaults"]}
         assert not offered & TEST_AIDS
-        assert TEST_AIDS <= set(SETTINGS)  # still settings, documented in the README
+        assert TEST_AIDS <= set(SETTINGS)  # still settings, documented in docs/settings.md
 
     def test_container_disk_follows_what_the_image_bakes(self) -> None:
         """The Hub builds with the Dockerfile's default bake options: the disk must hold that image (weights

@@ -12,9 +12,10 @@ and answer with it.
 What broke before: nothing had ever built the image; the Dockerfile's `# syntax=` line needs a
 registry, and the bake could not be pointed at any hub but huggingface.co.
 
-Cost (README): the first run on a machine installs docker.io and debootstrap, makes the base and
-downloads torch and the nvidia-* wheels (~4.5 GB); later runs reuse the daemon's layer cache in
-tests/docker_env.CACHE.  Measurements are printed (pytest -s) and written to CACHE/last-run.txt.
+Cost (docs/development.md, "What `make test` costs"): the first run on a machine installs docker.io
+and debootstrap, makes the base and downloads torch and the nvidia-* wheels (~4.5 GB); later runs
+reuse the daemon's layer cache in tests/docker_env.CACHE.  Measurements are printed (pytest -s)
+and written to CACHE/last-run.txt.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from hub_server import SAFETY_CHECKER_COMMIT, SAFETY_CHECKER_REPO, Hub, Repo, sa
 from qwen_edit_worker.model import tiny
 from qwen_edit_worker.weights.variants import VARIANTS
 
-pytestmark = pytest.mark.timeout(3600)  # a cold first run builds for several minutes; see the README
+pytestmark = pytest.mark.timeout(3600)  # a cold first run builds for several minutes; see docs/development.md
 
 ROOT = Path(__file__).resolve().parent.parent
 VARIANT = VARIANTS["edit-2511"]  # the Dockerfile's default MODEL_VARIANT

@@ -1,7 +1,7 @@
 """The job input schema: every field, its type, default and bounds, validated in one pass.
 
 Why this exists: a worker on a public endpoint gets whatever clients send.  Each field is
-described once in FIELDS (the README's input table mirrors it), and any violation is a
+described once in FIELDS (the input table in docs/api.md mirrors it), and any violation is a
 RequestError naming the field (`input.<name>`) and what is allowed.  Pure: no torch.
 """
 

@@ -1,9 +1,9 @@
 """Every setting the worker reads from its environment, parsed once into a frozen object.
 
-Why this exists: settings are the worker's public contract with the people deploying it (the
-README and hub.json list the same names and defaults), so they live in one place.  `from_env`
-is a pure function of a mapping (tests pass a dict; nothing reads os.environ behind their back),
-and a bad value is a SettingsError naming the setting and what is allowed.
+Why this exists: settings are the worker's public contract with the people deploying it
+(docs/settings.md and hub.json list the same names and defaults), so they live in one place.
+`from_env` is a pure function of a mapping (tests pass a dict; nothing reads os.environ behind
+their back), and a bad value is a SettingsError naming the setting and what is allowed.
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ ENDPOINT_TYPES = ("queue", "lb")
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
 
-# Name -> (default as the environment would spell it, one-line description).  README and
-# hub.json are checked against this table by the tests.
+# Name -> (default as the environment would spell it, one-line description).  docs/settings.md
+# and hub.json are checked against this table by the tests.
 SETTINGS: dict[str, tuple[str, str]] = {
     "MODEL_VARIANT": (DEFAULT_VARIANT, "edit | edit-2509 | edit-2511"),
     "MODEL_PATH": ("", "diffusers folder; empty means /models/<variant>, or RunPod's cached model (the endpoint's "
