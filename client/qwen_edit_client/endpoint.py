@@ -34,6 +34,11 @@ def retrying_session(retries: int, backoff_s: float, api_key: str | None) -> req
     retry = Retry(total=retries, connect=retries, read=retries, status=retries, backoff_factor=backoff_s,
                   backoff_max=30.0, status_forcelist=RETRY_STATUSES, allowed_methods=frozenset({"GET", "POST"}),
                   respect_retry_after_header=True, raise_on_status=False)
+    return session_with(retry, api_key)
+
+
+def session_with(retry: Retry, api_key: str | None) -> requests.Session:
+    """A session that retries as `retry` says, over http and https, with the key as a Bearer token when given."""
     session = requests.Session()
     adapter = HTTPAdapter(max_retries=retry)
     session.mount("http://", adapter)

@@ -20,10 +20,9 @@ from __future__ import annotations
 from typing import Any
 
 import requests
-from requests.adapters import HTTPAdapter
 from urllib3.util import Retry
 
-from .endpoint import RETRY_STATUSES, EndpointError
+from .endpoint import RETRY_STATUSES, EndpointError, session_with
 
 DEFAULT_URL = "https://api.runpod.io"
 RETRIES = 5
@@ -40,16 +39,6 @@ class RunPodApiError(EndpointError):
         self.status = status
 
 
-def _session(api_key: str | None, retry: Retry) -> requests.Session:
-    session = requests.Session()
-    adapter = HTTPAdapter(max_retries=retry)
-    session.mount("http://", adapter)
-    session.mount("https://", adapter)
-    if api_key:
-        session.headers["Authorization"] = f"Bearer {api_key}"
-    return session
-
-
 class RunPodApi:
     """One account's serverless endpoints and GPU catalog. `calls` lists every request, sent or not, in order."""
 
@@ -63,11 +52,11 @@ class RunPodApi:
         self.attempts = retries + 1
         common = {"total": retries, "backoff_factor": backoff, "backoff_max": 30.0, "raise_on_status": False,
                   "respect_retry_after_header": True}
-        self._reads = _session(api_key, Retry(connect=retries, read=retries, status=retries,
-                                              status_forcelist=RETRY_STATUSES,
-                                              allowed_methods=frozenset({"GET", "PATCH"}), **common))
-        self._creates = _session(api_key, Retry(connect=retries, read=0, status=retries, status_forcelist=(429,),
-                                                allowed_methods=frozenset({"POST"}), **common))
+        self._reads = session_with(Retry(connect=retries, read=retries, status=retries,
+                                         status_forcelist=RETRY_STATUSES, allowed_methods=frozenset({"GET", "PATCH"}),
+                                         **common), api_key)
+        self._creates = session_with(Retry(connect=retries, read=0, status=retries, status_forcelist=(429,),
+                                           allowed_methods=frozenset({"POST"}), **common), api_key)
 
     def gpu_types(self) -> list[dict[str, Any]]:
         """Every GPU type in the catalog: `id`, `pool` (null: not serverless), `price.serverless` (USD/h)."""
