@@ -157,6 +157,30 @@ class TestNoWholeModel:
         assert all(p.device.type == "meta" for s in built for p in s.model.parameters())
 
 
+class TestTheLoraLayerByLayer:
+    def test_each_pair_made_alone_is_the_whole_files_conversion(self, folders: dict[str, Path]) -> None:
+        """weights/lora_stream.py converts a layer's keys when it is fused; the whole file converted at once (the
+        worker's lightning_file.read) gives the same bits, and the check on meta tensors matched the same layers."""
+        import diffusers
+
+        from qwen_edit_worker.weights import lightning_file
+        from qwen_edit_worker.weights.lora_stream import LayerPairs
+        from qwen_edit_worker.weights.skeleton import build
+
+        folder = folders["narrow"]
+        pipeline = getattr(diffusers, VARIANT.pipeline_class)
+        linears = lightning_file.linear_shapes(build(folder / "transformer", "diffusers",
+                                                     "QwenImageTransformer2DModel", torch.bfloat16).model)
+        path = folder / "lightning" / VARIANT.lora_basename
+        whole = lightning_file.read(path, "LORA_PATH", pipeline).pairs(linears)
+        lazy = LayerPairs(path, "LORA_PATH", pipeline, linears)
+        assert sorted(lazy) == sorted(whole) and len(lazy) == len(whole) > 20
+        for layer, (down, up) in whole.items():
+            made = lazy.pop(layer)
+            assert torch.equal(made[0], down) and torch.equal(made[1], up) and made[0].dtype == down.dtype, layer
+        assert len(lazy) == 0 and lazy.pop("transformer_blocks.0.attn.to_q") is None
+
+
 class TestShardWriter:
     def test_written_tensor_by_tensor_and_in_rows_read_back_by_safetensors(self, tmp_path: Path) -> None:
         wide, scale = torch.randn(40, 24).to(torch.bfloat16), torch.rand(40, 1)

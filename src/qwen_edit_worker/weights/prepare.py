@@ -36,6 +36,7 @@ from typing import Any
 
 from . import fp8_cpu, lightning_file, precision
 from .errors import ModelLoadError
+from .lora_stream import LayerPairs
 from .shards import ShardError
 from .skeleton import SkeletonError, build
 from .stream import CHUNK_BYTES, ComponentStream, floating_dtype
@@ -145,15 +146,16 @@ class Preparation:
                 "precision": dict(self.values), **({"quantised": quantised} if quantised else {}),
                 "seconds": seconds}
 
-    def _pairs(self, lora: Path) -> dict[str, tuple[Any, Any]]:
-        """The LoRA's (down, up) pairs, read and checked against the transformer's linears (lightning_file.py)."""
+    def _pairs(self, lora: Path) -> LayerPairs:
+        """The LoRA's (down, up) pairs, checked against the transformer's linears (lightning_file.py), each read
+        when it is fused (lora_stream.py)."""
         import diffusers
         import torch
 
         shapes = build(self.folder / "transformer", "diffusers", self.index["transformer"][1], torch.bfloat16)
         try:
-            lora_file = lightning_file.read(lora, "--fuse-lightning", getattr(diffusers, self.index["_class_name"]))
-            return lora_file.pairs(lightning_file.linear_shapes(shapes.model))
+            return LayerPairs(lora, "--fuse-lightning", getattr(diffusers, self.index["_class_name"]),
+                              lightning_file.linear_shapes(shapes.model))
         except ModelLoadError as err:
             raise PrepareError(str(err)) from None
 

@@ -39,6 +39,16 @@ def dtype_name(dtype: Any) -> str:
     return DTYPE_NAMES[name]
 
 
+def torch_dtype(name: str) -> Any:
+    """The torch dtype of a safetensors dtype name (ShardError for one a bake never stores)."""
+    import torch
+
+    for torch_name, stored in DTYPE_NAMES.items():
+        if stored == name:
+            return getattr(torch, torch_name)
+    raise ShardError(f"no torch dtype for safetensors' {name}")
+
+
 def header(path: Path) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
     """({name: {"dtype", "shape", "data_offsets"}}, metadata) of a safetensors file, read without its data."""
     try:

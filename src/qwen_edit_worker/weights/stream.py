@@ -13,11 +13,13 @@ is what today's bake made, bit for bit (tests/test_stream.py runs both):
   `dtype=`), the pair added by `lightning.fused` (one addmm in that dtype), cast to the read dtype
   (bf16 for fp8, else as stored), then quantised by torchao's `quantize_` on an `nn.Linear` holding
   the weight, with the configuration the library's quantizer hands torchao (fp8 through fp8_cpu);
-- a quantised weight larger than CHUNK_BYTES is quantised a block of rows at a time: per-row
-  quantisation (int8 and fp8 here) makes each row's values and scale from that row alone (the row's
-  amax, then elementwise division, rounding and casts), so the rows are the same bits; each block's
-  torchao metadata is checked against the plan's (a configuration whose scales are not per row has a
-  scale that is not row-shaped, and is quantised whole).
+- a tensor larger than CHUNK_BYTES (32 MiB; at real shape smaller blocks were faster here than
+  128 MiB ones, and held less) is read, cast, quantised and written a block of rows at a time:
+  per-row quantisation (int8 and fp8 here) makes each row's values and scale from that row alone
+  (the row's amax, then elementwise division, rounding and casts), so the rows are the same bits;
+  each block's torchao metadata is checked against the plan's (a configuration whose scales are not
+  per row has a scale that is not row-shaped, and is quantised whole).  A fused weight is fused whole
+  (one addmm, as fuse_pairs does), then cut into blocks.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from .shards import ShardError, ShardWriter, header
 from .stream_plan import Entry, Plan, json_of
 
 log = logging.getLogger(__name__)
-CHUNK_BYTES = 128 * 1024**2  # rows of a tensor read, cast, quantised and written at once (in the read dtype)
+CHUNK_BYTES = 32 * 1024**2  # rows of a tensor read, cast, quantised and written at once (in the read dtype)
 ROW_ALIGN = 16  # blocks of rows are multiples of this: fp8 quantises only weights whose rows are (torchao)
 STORED_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
 
@@ -58,11 +60,11 @@ class ComponentStream:
     the folder's one file).  `make_plan(stored names, stored dtype)` builds the plan when the first shard is there
     (the stored dtype is read from it, as the whole-model bake read it); `add(shard)` prepares the next shard;
     `finish()` writes the config files and the index and puts the new component in place of the old.  `pairs`
-    are the Lightning LoRA's (down, up) pairs by layer when the LoRA is fused into this component; each is dropped
-    once added.
+    are the Lightning LoRA's (down, up) pairs by layer when the LoRA is fused into this component (lora_stream.py's
+    LayerPairs: each made when popped, and dropped once added).
     """
 
-    def __init__(self, component: Path, make_plan: Any, pairs: dict[str, tuple[Any, Any]] | None,
+    def __init__(self, component: Path, make_plan: Any, pairs: Any,
                  chunk_bytes: int = CHUNK_BYTES, shards: list[str] | None = None) -> None:
         self.component, self.make_plan, self.pairs, self.chunk_bytes = component, make_plan, pairs, chunk_bytes
         self.out = component.with_name(f".{component.name}.streamed")
