@@ -25,6 +25,8 @@ leaves the folder unusable (the bake works in a staging folder it removes).
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
 import logging
 import shutil
@@ -43,6 +45,8 @@ from .stream import CHUNK_BYTES, ComponentStream, floating_dtype
 from .stream_plan import Plan
 
 log = logging.getLogger(__name__)
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
+MMAP_THRESHOLD = 4 * 1024**2
 COMPONENTS = ("transformer", "text_encoder")  # in the order they are prepared: the LoRA's memory goes first
 
 
@@ -99,6 +103,7 @@ class Preparation:
 
         diffusers.utils.logging.disable_progress_bar()  # a build log, not a terminal
         transformers.utils.logging.disable_progress_bar()
+        return_freed_memory()
         self.started = time.perf_counter()
         for flag, value in (("--precision", transformer_precision),
                             ("--text-encoder-precision", text_encoder_precision)):
@@ -174,6 +179,22 @@ class Preparation:
             return Plan(skeleton, stored, value, read_dtype)
 
         return plan
+
+
+def return_freed_memory(threshold: int = MMAP_THRESHOLD) -> bool:
+    """Have glibc serve allocations of `threshold` bytes and more by mmap, so they go back to the system when freed.
+
+    glibc raises its mmap threshold to the size of each large block freed (up to 32 MiB), after which blocks of
+    that size come from its heaps, which keep freed space: over the thousands of blocks a bake quantises, a
+    process's anonymous memory crept up (measured: +0.7 GB over lm_head's 33 blocks in fp8, 0.5 GB of it released
+    only by malloc_trim; none with the threshold fixed).  Fixing the threshold (mallopt) keeps it flat.  Returns
+    whether it was set (False where the C library is not glibc).  Process-wide: the bake's process is the bake's.
+    """
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, threshold))
+    except (OSError, AttributeError):
+        return False
 
 
 def check_can_quantise(flag: str, value: str) -> None:
