@@ -8,5 +8,6 @@ change elsewhere never re-runs the 58 GB download).  It imports nothing from the
 int8/fp8), `int8_mm` (torchao's int8 matmul without a host sync), `prepare` (fuse and quantise a
 baked folder, streamed shard by shard: `stream` the per-shard work, `stream_plan` what will be
 stored, `skeleton` the component on the meta device, `shards` safetensors read and written a tensor
-at a time), `fp8_cpu` (torchao's fp8 made on the build machine's CPU), `errors`.
+at a time, `lora_stream` the Lightning LoRA a layer at a time), `fp8_cpu` (torchao's fp8 made on
+the build machine's CPU), `errors`.
 """

@@ -1,11 +1,13 @@
 """One component prepared shard by shard: read a weight, fuse its Lightning pair, quantise it, write it, drop it.
 
-Why this exists: preparing the real transformer as an `nn.Module` held all of its 40.9 GB in RAM
-(twice: fused, then quantised) and read and wrote it twice.  Here each safetensors shard of the
-component becomes one output shard of the same name, a tensor at a time (rows at a time for large
-ones), and the input shard is deleted as soon as its output is whole: memory holds one tensor's
-work, never a shard, and the disk holds the outputs plus the shards not yet prepared.  What is made
-is what today's bake made, bit for bit (tests/test_stream.py runs both):
+Why this exists: preparing the transformer as an `nn.Module` (built once to fuse, once more to
+quantise) held it in RAM, ~1.1 GB more for each of its 60 blocks (bench/bake: ~70 GB derived for the
+real model), and wrote the fused transformer twice.  Here each safetensors shard of the component
+becomes one output shard of the same name, a tensor at a time (rows at a time for large ones), and
+the input shard is deleted as soon as its output is whole: memory holds one tensor's work, never a
+shard (~1.1 GB for the whole process at real shape, whatever the number of blocks), and the disk
+holds the outputs plus the shards not yet prepared.  What is made is what the whole-model bake made
+(bench/prepare_before.py), bit for bit (tests/test_stream.py runs both):
 - the plan (weights/stream_plan.py) fixes names, dtypes, shapes, the torchao metadata and the index
   from the libraries' own code on a meta-device skeleton;
 - the values go through the same operations as `from_pretrained` + `lightning.fuse_pairs` +
