@@ -19,8 +19,10 @@
 # FUSE_LIGHTNING=1 fuses the Lightning LoRA into the stored transformer (no LoRA work at start);
 # PRECISION / TEXT_ENCODER_PRECISION=int8|fp8 store those components quantised (about 1 byte a weight;
 # both fp8: 30.2 GB read at start instead of 57.7).  All run on the build machine's CPU, no GPU needed,
-# and hold the transformer in RAM (~41 GB for the fuse); fp8 is torchao's own quantisation with its GPU
-# check answered inside that call (weights/fp8_cpu.py), and an fp8 image then runs on Ada/Hopper GPUs only.
+# shard by shard as the shards download (a few GB of RAM whatever the model's size; the disk holds the
+# final folder plus 3 shards; measured in docs/benchmarks.md, and whether RunPod's 30-minute build step
+# fits each option in docs/deploy.md); fp8 is torchao's own quantisation with its GPU check answered
+# inside that call (weights/fp8_cpu.py), and an fp8 image then runs on Ada/Hopper GPUs only.
 # The run-time settings default to what was baked.
 # The base carries no CUDA libraries of its own: torch's nvidia-* wheels bring cuBLAS, cuDNN, NCCL and the
 # rest (3.36 GB measured in the built image), so a cudnn-runtime base would carry them twice; see the size
@@ -55,12 +57,13 @@ COPY builder/requirements.txt /builder/requirements.txt
 RUN pip install --extra-index-url "${TORCH_INDEX_URL}" -r /builder/requirements.txt \
     && python -c "import sys, torch; cuda = torch.version.cuda or 'none'; want = sys.argv[1]; sys.exit(0 if cuda.split('.')[0] == want else f'torch is built for CUDA {cuda}, not {want}.x: check TORCH_INDEX_URL (or TORCH_CUDA)')" "${TORCH_CUDA}"
 
-# The bake imports one self-contained subpackage of the worker, qwen_edit_worker.weights (variants,
-# the Lightning LoRA, precision, the fuse/quantise step), copied beside bake.py rather than installing
+# The bake (bake.py, with fetch.py: the downloads overlapping the preparation, and verify.py) imports one
+# self-contained subpackage of the worker, qwen_edit_worker.weights (variants, the Lightning LoRA,
+# precision, the streamed fuse/quantise step), copied beside bake.py rather than installing
 # the whole package first: a change to it re-runs the bake (download included), which is right since
 # the stored weights depend on it; a change anywhere else in the worker keeps the weights layer.
 # tests/test_bake.py pins that the subpackage imports nothing else of the worker.
-COPY builder/bake.py builder/verify.py /builder/
+COPY builder/bake.py builder/fetch.py builder/verify.py /builder/
 COPY src/qwen_edit_worker/weights/ /builder/qwen_edit_worker/weights/
 ARG FUSE_LIGHTNING=0
 ARG PRECISION=bf16

@@ -3,9 +3,9 @@
 Why this exists: a serverless worker must never download 58 GB at run time, and a build must be
 something a person can trust and repeat.  This script resolves the revisions to commit hashes,
 downloads only the files the pipeline loads (safetensors only, only the shards its index names, no
-READMEs or pictures), checks every safetensors header and the LoRA's keys, writes manifest.json
-(repos, commits, files, bytes), and only then moves the folder into place, so a failure never
-leaves a half-written model behind.
+READMEs or pictures; in parallel, builder/fetch.py), checks every safetensors header and the LoRA's
+keys, writes manifest.json (repos, commits, files, bytes), and only then moves the folder into place,
+so a failure never leaves a half-written model behind.
 
     python builder/bake.py --variant edit-2511 [--model-revision main] [--lora-revision main] [--dest /models]
         [--fuse-lightning] [--precision bf16|int8|fp8] [--text-encoder-precision bf16|int8|fp8] [--lora-only]
@@ -19,10 +19,15 @@ into the transformer and stores the fused weights (the LoRA file is then not kep
 does no LoRA work; --precision and --text-encoder-precision store those components quantised
 (torchao, safetensors).  The manifest's `prepared` block records it (`quantised`: each component's
 precision, made on which device, torchao version and configuration); the worker skips that work
-and refuses settings that contradict it.  The fuse, int8 and fp8 all run on a CPU (the transformer
-is held in memory: ~41 GB of RAM for the real model); fp8 runs torchao's own quantisation with its
-GPU check answered inside that call only (weights/fp8_cpu.py), giving the tensors an Ada or Hopper
-GPU would make at load.
+and refuses settings that contradict it.  The preparation streams: the LoRA is read and checked
+against the transformer's layers first (before any shard is downloaded), then each shard of the
+transformer and the text encoder is prepared as soon as it has downloaded, while the next ones
+download (fetch.AHEAD of them), a tensor at a time, and deleted once its output is written
+(weights/stream.py).  Memory stays at a couple of GB whatever the model's size (no model is built
+with its weights), and the disk holds the final folder plus the shards in flight (checked first).
+The fuse, int8 and fp8 all run on a CPU; fp8 runs torchao's own quantisation with its GPU check
+answered inside that call only (weights/fp8_cpu.py), giving the tensors an Ada or Hopper GPU would
+make at load.  The stored tensors are those the whole-model preparation stored (tests/test_stream.py).
 
 The safety checker (the worker's SAFETY_CHECKER, src/qwen_edit_worker/safety/) is baked too, in both
 images (RunPod's cached models hold one repo per endpoint, so it cannot come from there): the three
@@ -39,15 +44,15 @@ With --lora-only there is no model_index.json, and the manifest's `model` says `
 A token, when the repos need one, comes from HF_TOKEN or the file --token-file (default
 /run/secrets/hf_token, where a BuildKit secret is mounted); it is never printed.  HF_ENDPOINT
 selects another hub (the tests serve a tiny model on loopback).
-Exit codes: 0 done, 2 bad arguments, 3 access refused, 4 disk too small, 5 download failed,
-6 verification failed, 7 preparation (fuse or quantisation) failed.
+Exit codes: 0 done, 2 bad arguments, 3 access refused, 4 disk too small (before or while baking),
+5 download failed, 6 verification failed (a damaged file, a LoRA not in the Lightning form),
+7 preparation failed (a LoRA matching no layer, the fuse or the quantisation).
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
-import fnmatch
 import json
 import logging
 import os
@@ -57,8 +62,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-# builder/verify.py, beside this script
-from verify import BakeError, verify, verify_lora, verify_safety_checker, verify_weights
+# builder/fetch.py and builder/verify.py, beside this script
+import fetch as fetching
+from verify import BakeError, verify, verify_lora, verify_safety_checker
 
 # In a checkout or install the package is importable; in the image's build stage only the
 # qwen_edit_worker.weights subpackage is copied to /builder/qwen_edit_worker/weights/, beside this
@@ -67,41 +73,9 @@ from qwen_edit_worker.weights import prepare as preparing
 from qwen_edit_worker.weights.variants import VARIANTS, Variant
 
 log = logging.getLogger("bake")
-WEIGHT_FORMATS_SKIPPED = (".bin", ".pt", ".pth", ".ckpt", ".onnx", ".msgpack", ".h5", ".gguf", ".pb")
-SKIPPED = ("*.md", "*.png", "*.jpg", "*.jpeg", "*.gif", "*.webp", ".gitattributes", "*.mp4")
-FREE_SPACE_MARGIN = 512 * 1024**2  # also covers the safety checker (343 MB)
 SAFETY_CHECKER_REPO = "Falconsai/nsfw_image_detection"  # the worker's safety.REPO (tests/test_bake.py pins it)
 SAFETY_CHECKER_REVISION = "main"  # resolved to a commit at build time and recorded in the manifest, as the model's
 SAFETY_CHECKER_FILES = ("config.json", "model.safetensors", "preprocessor_config.json")
-
-
-def select_files(files: dict[str, int], model_index: dict[str, Any],
-                 shard_maps: dict[str, dict[str, str]]) -> list[str]:
-    """The files of a diffusers repo that the pipeline loads: configs, tokenizers, used safetensors.
-
-    `files` maps repo paths to sizes; `shard_maps` maps each *.safetensors.index.json to its weight_map.
-    """
-    components = [name for name, spec in model_index.items()
-                  if not name.startswith("_") and isinstance(spec, list) and spec[0] is not None]
-    chosen = ["model_index.json"]
-    for component in components:
-        inside = sorted(p for p in files if p.startswith(f"{component}/") and p.count("/") == 1)
-        weights = [p for p in inside if p.endswith(".safetensors")]
-        chosen += [p for p in inside if not p.endswith(".safetensors") and not p.endswith(WEIGHT_FORMATS_SKIPPED)
-                   and not any(fnmatch.fnmatch(p.rsplit("/", 1)[1], pattern) for pattern in SKIPPED)]
-        chosen += _used_weights(component, weights, files, shard_maps)
-    return sorted(set(chosen))
-
-
-def _used_weights(component: str, weights: list[str], files: dict[str, int],
-                  shard_maps: dict[str, dict[str, str]]) -> list[str]:
-    indexes = sorted(p for p in files if p.startswith(f"{component}/") and p.endswith(".safetensors.index.json"))
-    plain_indexes = [p for p in indexes if p.rsplit("/", 1)[1].count(".") == 3]  # no ".fp16." variant part
-    if indexes:
-        index_path = (plain_indexes or indexes)[0]
-        return [f"{component}/{shard}" for shard in sorted(set(shard_maps[index_path].values()))]
-    plain = [p for p in weights if p.rsplit("/", 1)[1].count(".") == 1]
-    return plain or weights
 
 
 def bake(variant: Variant, dest: Path, model_revision: str, lora_revision: str, token: str | None,
@@ -134,35 +108,40 @@ def bake(variant: Variant, dest: Path, model_revision: str, lora_revision: str, 
         index = json.loads(fetch(variant.repo, model.sha, "model_index.json", staging).read_text())
         shard_maps = {path: json.loads(fetch(variant.repo, model.sha, path, staging).read_text())["weight_map"]
                       for path in sizes if path.endswith(".safetensors.index.json")}
-        files = select_files(sizes, index, shard_maps)
-        total = sum(sizes[p] for p in files) + lora_sizes[variant.lora_file]
-        rewritten = [c for c, on in (("transformer", fuse or precision != "bf16"),
-                                     ("text_encoder", text_encoder_precision != "bf16")) if on]
-        total += max((sum(sizes[p] for p in files if p.startswith(f"{c}/")) for c in rewritten), default=0)
-        free = shutil.disk_usage(dest).free
-        if total + FREE_SPACE_MARGIN > free:
-            raise BakeError(4, f"the model needs {total / 1e9:.1f} GB and {dest} has {free / 1e9:.1f} GB free; "
-                               "give the build more disk")
-        log.info("baking %s: %s@%s (%d files) + %s, %.2f GB", variant.name, variant.repo, model.sha[:12],
-                 len(files), variant.lora_file, total / 1e9)
-        for path in files:
+        files = fetching.select_files(sizes, index, shard_maps)
+        small = [p for p in files if not p.endswith(".safetensors")]  # configs, tokenizers: what the plan reads
+        for path in small:
             fetch(variant.repo, model.sha, path, staging)
-        lora_tmp = staging / ".lora"
-        fetched = fetch(variant.lora_repo, lora_info.sha, variant.lora_file, lora_tmp)
+        rewritten = preparing.streamed(precision, text_encoder_precision, fuse)
+        fetching.check_disk(dest, staging, files, sizes, lora_sizes[variant.lora_file], rewritten, fuse, precision,
+                    text_encoder_precision)
+        fetched = fetch(variant.lora_repo, lora_info.sha, variant.lora_file, staging / ".lora")
         (staging / "lightning").mkdir()
         lora = staging / "lightning" / variant.lora_basename
         fetched.replace(lora)
-        _remove_extras(staging, set(files))
-        verify(staging, lora)
-        checker = None if checker_revision is None else bake_safety_checker(api, staging, checker_revision, token)
+        verify_lora(lora)
+        preparation = None
+        if rewritten:
+            with fetching.preparing_errors("reading the LoRA"):  # checked against the transformer, before any shard
+                preparation = preparing.Preparation(staging, lora if fuse else None,
+                                                    f"{variant.lora_repo}@{lora_info.sha}", precision,
+                                                    text_encoder_precision, files=files)
+        streamed = preparation.pending() if preparation else []
+        weights = [p for p in files if p.endswith(".safetensors") and p not in streamed]
+        parts = " and ".join(rewritten).replace("_", " ")
+        log.info("downloading %d weight files (%.2f GB) with %d connections%s", len(weights) + len(streamed),
+                 sum(sizes[p] for p in [*weights, *streamed]) / 1e9, fetching.WORKERS,
+                 f"; preparing the {len(streamed)} shards of the {parts} as they arrive ({fetching.AHEAD} downloaded "
+                 "ahead)" if streamed else "")
+        fetching.download_and_prepare(lambda path: fetch(variant.repo, model.sha, path, staging), weights, streamed,
+                                      lambda path, local: fetching.prepare_shard(preparation, path, local))
         prepared = None
-        if fuse or precision != "bf16" or text_encoder_precision != "bf16":
-            try:
-                prepared = preparing.prepare(staging, lora if fuse else None, f"{variant.lora_repo}@{lora_info.sha}",
-                                             precision, text_encoder_precision)
-            except preparing.PrepareError as err:
-                raise BakeError(7, str(err)) from None
-            verify_weights(staging)
+        if preparation is not None:
+            with fetching.preparing_errors("writing the prepared components' configs"):
+                prepared = preparation.finish()
+        _remove_extras(staging, set(files))
+        verify(staging, None if fuse else lora)
+        checker = None if checker_revision is None else bake_safety_checker(api, staging, checker_revision, token)
         on_disk = sorted(p.relative_to(staging).as_posix() for p in staging.rglob("*") if p.is_file())
         manifest = {
             "variant": variant.name,
@@ -317,6 +296,7 @@ def read_token(token_file: Path) -> str | None:
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="bake: %(message)s")  # libraries: warnings only
     log.setLevel(logging.INFO)
+    logging.getLogger("qwen_edit_worker.weights").setLevel(logging.INFO)  # each shard as it is prepared
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--variant", required=True, help=f"one of {', '.join(VARIANTS)}")
     parser.add_argument("--model-revision", default="main")

@@ -57,10 +57,11 @@ def verify_weights(folder: Path) -> None:
             raise BakeError(6, f"{path.relative_to(folder)}: {problem}")
 
 
-def verify(folder: Path, lora: Path) -> None:
-    """Raise BakeError(6) unless every weight file is whole, the LoRA is a LoRA and the pipeline complete."""
+def verify(folder: Path, lora: Path | None) -> None:
+    """Raise BakeError(6) unless every weight file is whole, the LoRA (if kept) is a LoRA and the pipeline complete."""
     verify_weights(folder)
-    verify_lora(lora)
+    if lora is not None:
+        verify_lora(lora)
     index = json.loads((folder / "model_index.json").read_text())
     for name, spec in index.items():
         if name.startswith("_") or not isinstance(spec, list) or spec[0] is None:

@@ -4,6 +4,7 @@ It speaks the part of the hub API that huggingface_hub's `model_info` and `hf_hu
 GET /api/models/{repo}/revision/{rev} (with sizes and LFS metadata), and HEAD/GET
 /{repo}/resolve/{rev}/{path} (with X-Repo-Commit, ETag, X-Linked-Size, Range).  Repos can
 require a token, and single files can be made to break off mid-download or report a false size.
+Files are bytes in memory, or paths served from the disk (bench/bake's real-sized folders).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import hashlib
 import http.server
 import json
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
@@ -19,16 +21,45 @@ from urllib.parse import unquote, urlsplit
 
 @dataclass
 class Repo:
-    files: dict[str, bytes]
+    files: dict[str, bytes | Path]  # a Path is served from the disk as it is asked for (real-sized files)
     commit: str = "0123456789abcdef0123456789abcdef01234567"
     token: str | None = None  # when set, requests need "Authorization: Bearer <token>"
     break_off: set[str] = field(default_factory=set)  # paths whose download stops half-way
     claimed_size: dict[str, int] = field(default_factory=dict)  # sizes to report instead of the real ones
 
     @classmethod
-    def from_folder(cls, folder: Path, **kwargs: object) -> Repo:
-        files = {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    def from_folder(cls, folder: Path, lazy: bool = False, **kwargs: object) -> Repo:
+        """The folder's files, read now (or, `lazy`, served from the disk: bench/bake's real-shaped folders)."""
+        files = {p.relative_to(folder).as_posix(): p if lazy else p.read_bytes() for p in folder.rglob("*")
+                 if p.is_file()}
         return cls(files=files, **kwargs)  # type: ignore[arg-type]
+
+    def size(self, name: str) -> int:
+        data = self.files[name]
+        return data.stat().st_size if isinstance(data, Path) else len(data)
+
+    def etag(self, name: str) -> str:
+        """The sha256 of the content (of its name, size and mtime for a file served from the disk: not read twice)."""
+        data = self.files[name]
+        if isinstance(data, Path):
+            stat = data.stat()
+            return hashlib.sha256(f"{name}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()
+        return hashlib.sha256(data).hexdigest()
+
+    def read(self, name: str, start: int, end: int) -> Iterator[bytes]:
+        """The bytes [start, end) of a file, in pieces of at most 8 MiB."""
+        data = self.files[name]
+        if not isinstance(data, Path):
+            yield data[start:end]
+            return
+        with data.open("rb") as handle:
+            handle.seek(start)
+            while start < end:
+                piece = handle.read(min(8 * 1024**2, end - start))
+                if not piece:
+                    return
+                start += len(piece)
+                yield piece
 
 
 class Hub:
@@ -96,11 +127,11 @@ class Hub:
         if repo is None:
             return
         siblings = []
-        for name, data in sorted(repo.files.items()):
-            size = repo.claimed_size.get(name, len(data))
+        for name in sorted(repo.files):
+            size = repo.claimed_size.get(name, repo.size(name))
             item: dict[str, object] = {"rfilename": name, "size": size}
             if name.endswith(".safetensors"):
-                item["lfs"] = {"sha256": hashlib.sha256(data).hexdigest(), "size": size, "pointerSize": 134}
+                item["lfs"] = {"sha256": repo.etag(name), "size": size, "pointerSize": 134}
             siblings.append(item)
         info = {"id": repo_id, "modelId": repo_id, "sha": repo.commit, "private": False,
                 "gated": repo.token is not None and "manual", "disabled": False, "siblings": siblings,
@@ -115,31 +146,37 @@ class Hub:
         if name not in repo.files:
             self._send(req, 404, b"Entry not found", {"X-Error-Code": "EntryNotFound"})
             return
-        data = repo.files[name]
-        etag = hashlib.sha256(data).hexdigest()
+        size, etag = repo.size(name), repo.etag(name)
         headers = {"X-Repo-Commit": repo.commit, "ETag": f'"{etag}"', "Accept-Ranges": "bytes"}
         if name.endswith(".safetensors"):
-            headers.update({"X-Linked-Etag": f'"{etag}"', "X-Linked-Size": str(len(data))})
+            headers.update({"X-Linked-Etag": f'"{etag}"', "X-Linked-Size": str(size)})
         start = 0
         ranged = req.headers.get("Range", "")
         if ranged.startswith("bytes=") and body:
             start = int(ranged[6:].split("-")[0] or 0)
         if not body:
-            self._send(req, 200, b"", headers, length=len(data))
+            self._send(req, 200, b"", headers, length=size)
             return
         if name in repo.break_off:
             req.send_response(200)
             for key, value in headers.items():
                 req.send_header(key, value)
-            req.send_header("Content-Length", str(len(data)))
+            req.send_header("Content-Length", str(size))
             req.end_headers()
-            req.wfile.write(data[: len(data) // 2])
+            for piece in repo.read(name, 0, size // 2):
+                req.wfile.write(piece)
             req.wfile.flush()
             req.close_connection = True
             return
         if start:
-            headers["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
-        self._send(req, 206 if start else 200, data[start:], headers)
+            headers["Content-Range"] = f"bytes {start}-{size - 1}/{size}"
+        req.send_response(206 if start else 200)
+        for key, value in headers.items():
+            req.send_header(key, value)
+        req.send_header("Content-Length", str(size - start))
+        req.end_headers()
+        for piece in repo.read(name, start, size):
+            req.wfile.write(piece)
 
     @staticmethod
     def _send(req: http.server.BaseHTTPRequestHandler, status: int, payload: bytes, headers: dict[str, str],

@@ -60,12 +60,14 @@ def repos(model: dict[str, bytes], lora: bytes, **model_options: object) -> dict
             SAFETY_CHECKER_REPO: checker_repo()}
 
 
-def bake(hub: Hub, dest: Path, *args: str, token: str | None = None) -> subprocess.CompletedProcess[str]:
+def bake(hub: Hub, dest: Path, *args: str, token: str | None = None, python: tuple[str, ...] = ()
+         ) -> subprocess.CompletedProcess[str]:
+    """builder/bake.py run against `hub` (`python`: options for the interpreter before the script)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING"))}
     env.update({"HF_ENDPOINT": hub.url, "HF_HOME": str(dest.parent / "hf-home"), "HF_HUB_DISABLE_XET": "1"})
     if token:
         env["HF_TOKEN"] = token
-    return subprocess.run([sys.executable, str(ROOT / "builder" / "bake.py"), "--dest", str(dest),
+    return subprocess.run([sys.executable, *python, str(ROOT / "builder" / "bake.py"), "--dest", str(dest),
                            "--token-file", str(dest.parent / "no-secret"), *args],
                           env=env, capture_output=True, text=True, timeout=300)
 

@@ -19,7 +19,7 @@ def run(script: str, *args: str, timeout: int = 300) -> subprocess.CompletedProc
                           timeout=timeout)
 
 
-@pytest.mark.parametrize("script", ["overhead", "tiny", "gpu", "coldstart", "throughput", "gpu-session"])
+@pytest.mark.parametrize("script", ["overhead", "tiny", "gpu", "coldstart", "throughput", "gpu-session", "bake"])
 def test_help(script: str) -> None:
     out = run(script, "--help")
     assert out.returncode == 0 and "--json" in out.stdout
@@ -86,6 +86,27 @@ def test_coldstart_on_a_saved_tiny_folder() -> None:
     assert out.returncode == 0, out.stderr[-2000:]
     [row] = json.loads(out.stdout)["rows"]
     assert 0 < row["ready_s"] < row["first_image_s"] and row["folder_gb"] > 0
+
+
+def test_bake_before_and_after_and_through_bake_py_at_narrow_width(tmp_path: Path) -> None:
+    """bench/bake's figures exist and mean what they say (not their values): both paths prepare the same folder and
+    store the same tensors, the streamed one through bake.py from a loopback hub too."""
+    out = run("bake", "--narrow", "--blocks", "1", "--precision", "int8", "--hub", "--json", "--scratch",
+              str(tmp_path), timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = {r["mode"]: r for r in json.loads(out.stdout)["rows"]}
+    assert set(rows) == {"before", "after", "after, bake.py from a hub"}
+    assert rows["before"]["identical"] is True and rows["after"]["identical"] is True
+    for r in rows.values():
+        assert r["peak_anon_gb"] > 0.1 and r["peak_rss_gb"] >= r["peak_anon_gb"] and r["samples"] > 0
+        assert r["cpu_s"] > 0 and r["wall_s"] >= r["prepare_s"] > 0 and r["input_gb"] > 0 and r["output_gb"] > 0
+        assert r["prepared"]["quantised"]["transformer"]["layers"] == rows["before"]["prepared"]["quantised"][
+            "transformer"]["layers"]
+    assert rows["after"]["derived_60_blocks_prepare_s"] > 0  # not the hub row's: its seconds include the download
+    assert rows["after, bake.py from a hub"]["derived_60_blocks_prepare_s"] is None
+    assert not any(tmp_path.iterdir())  # the work folders are removed
+    bad = run("bake", "--narrow", "--blocks", "0")
+    assert bad.returncode == 2 and "--blocks: numbers from 1 to 60" in bad.stderr
 
 
 def test_gpu_bytes_table_from_the_real_configs() -> None:

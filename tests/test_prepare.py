@@ -238,7 +238,7 @@ class TestImageBuildStage:
         assert (builder / "bake.py").is_file()
         copied = sorted(p.relative_to(builder).as_posix() for p in builder.rglob("*.py"))
         # one self-contained part of the package: the weights subpackage and nothing else of the worker
-        assert {p for p in copied if "/" not in p} == {"bake.py", "verify.py"}  # builder/'s own scripts
+        assert {p for p in copied if "/" not in p} == {"bake.py", "fetch.py", "verify.py"}  # builder/'s own scripts
         assert {p for p in copied if "/" in p} == {
             f"qwen_edit_worker/weights/{f.name}" for f in (root / "src/qwen_edit_worker/weights").glob("*.py")}
         env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING", "PYTHONPATH"))}

@@ -6,5 +6,8 @@ change elsewhere never re-runs the 58 GB download).  It imports nothing from the
 (a test pins that): `variants` (the catalogue), `lightning` (the scheduler and fusing the LoRA),
 `lightning_file` (the LoRA file read and checked against the transformer), `precision` (torchao
 int8/fp8), `int8_mm` (torchao's int8 matmul without a host sync), `prepare` (fuse and quantise a
-baked folder), `fp8_cpu` (torchao's fp8 made on the build machine's CPU), `errors`.
+baked folder, streamed shard by shard: `stream` the per-shard work, `stream_plan` what will be
+stored, `skeleton` the component on the meta device, `shards` safetensors read and written a tensor
+at a time, `lora_stream` the Lightning LoRA a layer at a time), `fp8_cpu` (torchao's fp8 made on
+the build machine's CPU), `errors`.
 """

@@ -10,7 +10,8 @@ torch path (`_choose_scale_float8`: each row's amax / 448 in the weight's bf16, 
 `_quantize_affine_float8`: the float32 division, clamp and float8_e4m3fn cast) runs on CPU tensors.
 
 So, while `answered()` is active, torchao's registered fp8 handler is wrapped: for a weight on the
-CPU it runs with the hardware question answered (CUDA available, capability 8.9, a CUDA build) for
+CPU (or on the meta device, where the streamed bake plans types and shapes and nothing is computed)
+it runs with the hardware question answered (CUDA available, capability 8.9, a CUDA build) for
 the length of that one call; a weight on any other device gets torchao's handler untouched, and
 outside the block nothing is answered at all (as placement/fakecuda.py answers it only inside the
 quantise call of a fake run).  Why the answer changes nothing that is stored (torchao 0.18 source):
@@ -40,6 +41,7 @@ from unittest import mock
 
 CHECKED_TORCHAO = "0.18.0"  # the version whose fp8 code path the module docstring describes (the image's pin)
 ANSWERED_CAPABILITY = (8, 9)  # Ada: keeps torchao on its torch kernels (its mslk path wants sm90)
+ANSWERED_DEVICES = ("cpu", "meta")  # meta: the streamed bake's plan (weights/stream_plan.py)
 HARDWARE_CHECK = "answered as sm89 inside torchao's fp8 quantise call only (no GPU on the build machine)"
 
 
@@ -70,12 +72,12 @@ def answered() -> Iterator[None]:
 
 
 def _answering(handler: Any) -> Any:
-    """`handler` with the hardware question answered while it quantises a weight held on the CPU."""
+    """`handler` with the hardware question answered while it quantises a weight held on the CPU (or meta)."""
 
     @functools.wraps(handler)  # the same signature: torchao inspects it for `parameter_name`
     def quantise_on_cpu(module: Any, config: Any, *, parameter_name: str = "weight") -> Any:
         weight = getattr(module, parameter_name, None)
-        if weight is None or weight.device.type != "cpu":
+        if weight is None or weight.device.type not in ANSWERED_DEVICES:
             return handler(module, config, parameter_name=parameter_name)
         with _ada():
             return handler(module, config, parameter_name=parameter_name)

@@ -75,10 +75,18 @@ def fuse_pairs(model: Any, pairs: dict[str, tuple[Any, Any]], layers: set[str] |
         for name in pairs.keys() if layers is None else pairs.keys() & layers:
             down, up = pairs[name]
             weight = model.get_submodule(name).weight
-            up, down = up.to(weight.device, weight.dtype), down.to(weight.device, weight.dtype)
             if weight.device.type == "cpu":
-                weight.data = torch.addmm(weight, up, down)
+                weight.data = fused(weight, down, up)
             else:
-                weight.addmm_(up, down)
+                weight.addmm_(up.to(weight.device, weight.dtype), down.to(weight.device, weight.dtype))
             changed += 1
     return changed
+
+
+def fused(weight: Any, down: Any, up: Any) -> Any:
+    """A new tensor W + up @ down, in W's dtype on W's device: the CPU fuse of `fuse_pairs`, which the streamed
+    bake (weights/stream.py) calls tensor by tensor, so both bakes make the same bits."""
+    import torch
+
+    with torch.no_grad():
+        return torch.addmm(weight, up.to(weight.device, weight.dtype), down.to(weight.device, weight.dtype))

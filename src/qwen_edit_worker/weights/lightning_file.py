@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ModelLoadError
+from .shards import ShardError
 
 log = logging.getLogger(__name__)
 DOWN_KEYS = (".lora_down.weight", ".lora_A.weight")
@@ -70,8 +71,13 @@ class LoraFile:
         return matched
 
 
-def read(path: Path, setting: str, pipeline_class: Any) -> LoraFile:
-    """Read the LoRA at `path` and convert its keys with diffusers' converter for `pipeline_class`."""
+def read(path: Path, setting: str, pipeline_class: Any, values: bool = True) -> LoraFile:
+    """Read the LoRA at `path` and convert its keys with diffusers' converter for `pipeline_class`.
+
+    With `values` False the lora_down/lora_up weights are read as meta tensors (their shapes and dtypes from the
+    header; the alphas, scalars, are read): the same checks and conversion, nothing held in memory (the streamed
+    bake, weights/lora_stream.py, converts each layer's pair when it fuses it).
+    """
     from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
@@ -84,8 +90,8 @@ def read(path: Path, setting: str, pipeline_class: Any) -> LoraFile:
             keys = list(handle.keys())  # noqa: SIM118 (safe_open has no iter)
         if not any(key.endswith(DOWN_KEYS) for key in keys):
             raise ModelLoadError(setting, f"{path} holds no LoRA weights (no lora_down/lora_A keys)")
-        state = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as err:
+        state = load_file(str(path)) if values else meta_state(path)
+    except (SafetensorError, OSError, ValueError, ShardError) as err:
         raise ModelLoadError(setting, f"cannot read {path} as safetensors ({_short(str(err), 160)})") from None
     diff = next((key for key in state if key.endswith((".diff", ".diff_b"))), None)
     if diff is not None:  # full-weight differences: diffusers' Qwen converter refuses them with a plain ValueError
@@ -101,6 +107,24 @@ def read(path: Path, setting: str, pipeline_class: Any) -> LoraFile:
         raise ModelLoadError(setting, f"{path} is not a LoRA diffusers can convert for this model "
                                       f"({_short(detail, 160)})") from None
     return LoraFile(path, setting, converted[0] if isinstance(converted, tuple) else converted)
+
+
+def meta_state(path: Path, keys: list[str] | None = None) -> dict[str, Any]:
+    """The file's tensors (or `keys` of them) as meta tensors of their shapes and dtypes, its alphas (scalars) read."""
+    import torch
+    from safetensors import safe_open
+
+    from .shards import torch_dtype
+
+    out = {}
+    with safe_open(str(path), framework="pt", device="cpu") as handle:
+        for key in keys if keys is not None else handle.keys():  # noqa: SIM118 (safe_open has no iter)
+            if key.endswith(".alpha"):
+                out[key] = handle.get_tensor(key)
+            else:
+                piece = handle.get_slice(key)
+                out[key] = torch.empty(piece.get_shape(), dtype=torch_dtype(piece.get_dtype()), device="meta")
+    return out
 
 
 def linear_shapes(transformer: Any) -> dict[str, tuple[int, int]]:
