@@ -14,10 +14,12 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from loopback import LoopbackServer
+
 DELAY_MS, EXECUTION_MS = 1234, 2345
 
 
-class FakeRunPod:
+class FakeRunPod(LoopbackServer):
     def __init__(self, handle: Callable[[dict[str, Any]], dict[str, Any]], endpoint: str = "ep-test",
                  key: str = "rpa_test_key") -> None:
         self.handle, self.endpoint, self.key = handle, endpoint, key
@@ -28,28 +30,8 @@ class FakeRunPod:
         self.in_flight = self.max_in_flight = 0
         self.auth_headers: set[str] = set()
         self._lock = threading.Lock()
-        fake = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802
-                fake._serve(self)
-
-            def do_POST(self) -> None:  # noqa: N802
-                fake._serve(self)
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self._server.server_address[1]}/v2"
-
-    def __enter__(self) -> FakeRunPod:
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+        super().__init__()
+        self.url += "/v2"
 
     def _answer(self, req: http.server.BaseHTTPRequestHandler, route: str, status: int, body: dict[str, Any]) -> None:
         with self._lock:
@@ -61,7 +43,7 @@ class FakeRunPod:
         req.end_headers()
         req.wfile.write(data)
 
-    def _serve(self, req: http.server.BaseHTTPRequestHandler) -> None:
+    def serve(self, req: http.server.BaseHTTPRequestHandler) -> None:
         parts = req.path.strip("/").split("/")  # v2, endpoint, route[, id]
         route = parts[2] if len(parts) > 2 else ""
         self.auth_headers.add(req.headers.get("Authorization", ""))

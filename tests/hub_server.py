@@ -12,11 +12,12 @@ from __future__ import annotations
 import hashlib
 import http.server
 import json
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
+
+from loopback import LoopbackServer
 
 
 @dataclass
@@ -62,38 +63,19 @@ class Repo:
                 yield piece
 
 
-class Hub:
+class Hub(LoopbackServer):
     """Start with `with Hub(repos) as hub:`; `hub.url` is the HF_ENDPOINT to use."""
+
+    METHODS = ("GET", "HEAD")
+    PROTOCOL = "HTTP/1.1"
 
     def __init__(self, repos: dict[str, Repo]) -> None:
         self.repos = repos
         self.requests: list[str] = []
-        hub = self
+        super().__init__()
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def do_GET(self) -> None:  # noqa: N802
-                hub._serve(self, body=True)
-
-            def do_HEAD(self) -> None:  # noqa: N802
-                hub._serve(self, body=False)
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
-
-    def __enter__(self) -> Hub:
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-
-    def _serve(self, req: http.server.BaseHTTPRequestHandler, body: bool) -> None:
+    def serve(self, req: http.server.BaseHTTPRequestHandler) -> None:
+        body = req.command != "HEAD"
         path = unquote(urlsplit(req.path).path)
         self.requests.append(f"{req.command} {path}")
         if path.startswith("/api/models/"):

@@ -34,6 +34,7 @@ from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
 from fake_runpod import FakeRunPod
+from loopback import LoopbackServer
 
 OPENAPI = Path(__file__).with_name("runpod_openapi_v2.json")
 OPENAPI_SHA256 = "b8bce61c5a2290d28a7cb2ed53173637166817249986cb18b101b2fd651fd313"
@@ -83,7 +84,9 @@ TITLES = {400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not F
           429: "Too Many Requests", 500: "Internal Server Error", 503: "Service Unavailable"}
 
 
-class FakeRunPodApi:
+class FakeRunPodApi(LoopbackServer):
+    METHODS = ("GET", "POST", "PATCH")
+
     def __init__(self, worker: Callable[[dict[str, str]], Callable[[dict[str, Any]], dict[str, Any]]] | None = None,
                  key: str = "rpa_test_key") -> None:
         self.worker, self.key = worker, key
@@ -96,31 +99,10 @@ class FakeRunPodApi:
         self.bad_answers: list[tuple[str, list[str]]] = []  # answers of the fake that failed RunPod's schema
         self.echo_key = False
         self._lock = threading.Lock()
-        fake = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802
-                fake._serve(self)
-
-            def do_POST(self) -> None:  # noqa: N802
-                fake._serve(self)
-
-            def do_PATCH(self) -> None:  # noqa: N802
-                fake._serve(self)
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
-
-    def __enter__(self) -> FakeRunPodApi:
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
-        return self
+        super().__init__()
 
     def __exit__(self, *exc: object) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+        super().__exit__(*exc)
         for queue in self.queues.values():
             queue.__exit__()
 
@@ -131,7 +113,7 @@ class FakeRunPodApi:
 
     # ---- serving ----
 
-    def _serve(self, req: http.server.BaseHTTPRequestHandler) -> None:
+    def serve(self, req: http.server.BaseHTTPRequestHandler) -> None:
         path = req.path.split("?")[0].rstrip("/")
         parts = path.strip("/").split("/")
         route = f"{req.command} {path}"
