@@ -32,6 +32,7 @@ from typing import Any
 
 import benchlib
 import pagecache
+from procwatch import status
 
 READY, FAILED, TIMELINE = "model ready", "model load failed", "load timeline: "
 SAMPLE_S = 0.5
@@ -42,19 +43,6 @@ PROGRESS = re.compile(r"\d+%\|")  # a tqdm bar ("Loading weights:  45%|...")
 # The SDK must never send traffic off this machine (facts.md section 12); no hub is asked either.
 QUIET_ENV = {"RUNPOD_SKIP_AUTO_SYSTEM_CHECKS": "true", "RUNPOD_SKIP_GPU_CHECK": "true", "HF_HUB_OFFLINE": "1",
              "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "DO_NOT_TRACK": "1"}
-
-
-def status(pid: int) -> dict[str, int]:
-    """VmRSS, VmHWM, RssAnon, RssFile of `pid` in bytes (empty once it has exited)."""
-    out = {}
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
-                out[key] = int(value.split()[0]) * 1024
-    except OSError:
-        pass
-    return out
 
 
 def io_read_bytes(pid: int) -> int | None:

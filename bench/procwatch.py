@@ -33,13 +33,13 @@ def tree(pid: int) -> list[int]:
     return out
 
 
-def memory(pid: int) -> dict[str, int]:
-    """RssAnon and VmRSS of one process in bytes (empty once it has gone)."""
+def status(pid: int) -> dict[str, int]:
+    """VmRSS, VmHWM, RssAnon, RssFile of `pid` in bytes (empty once it has exited)."""
     out = {}
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             key, _, value = line.partition(":")
-            if key in ("RssAnon", "VmRSS"):
+            if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
                 out[key] = int(value.split()[0]) * 1024
     except OSError:
         pass
@@ -71,7 +71,7 @@ class Watcher:
         while not self._stop.is_set():
             anon = rss = 0
             for pid in tree(self.pid):
-                sample = memory(pid)
+                sample = status(pid)
                 anon, rss = anon + sample.get("RssAnon", 0), rss + sample.get("VmRSS", 0)
             self.peak_anon, self.peak_rss = max(self.peak_anon, anon), max(self.peak_rss, rss)
             self.samples += 1
